@@ -1,0 +1,115 @@
+"""``edgesafe check``: a report and a baseline in, a list of gate results (and a CI exit code) out.
+
+A baseline is JSON: ``{"gates": [{"metric": "a.b.c", ...}, ...]}``. A metric is a dotted path
+into the report. Each gate sets any of
+
+- ``min`` / ``max``: absolute bounds;
+- ``baseline`` with ``max_regression``: the value may be worse than ``baseline`` by at most that
+  fraction of it, "worse" meaning lower unless ``higher_is_better`` is false.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import EdgesafeError
+
+
+class Gate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = Field(min_length=1)
+    min: float | None = None
+    max: float | None = None
+    baseline: float | None = None
+    max_regression: float | None = Field(default=None, ge=0)
+    higher_is_better: bool = True
+
+    @model_validator(mode="after")
+    def _has_bound(self) -> Gate:
+        if self.min is None and self.max is None and self.max_regression is None:
+            raise ValueError("a gate needs 'min', 'max' or 'max_regression'")
+        if (self.baseline is None) != (self.max_regression is None):
+            raise ValueError("'baseline' and 'max_regression' go together")
+        return self
+
+
+class Baseline(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gates: list[Gate] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    metric: str
+    value: float | None
+    passed: bool
+    rule: str
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise EdgesafeError(f"{path}: no such {what} file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgesafeError(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
+def lookup(report: Any, dotted: str) -> Any:
+    node = report
+    for key in dotted.split("."):
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return None
+    return node
+
+
+def evaluate(report: Any, baseline: Baseline) -> list[GateResult]:
+    results = []
+    for gate in baseline.gates:
+        value = lookup(report, gate.metric)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            results.append(GateResult(gate.metric, None, False, "metric missing from the report"))
+            continue
+        rules, ok = [], True
+        if gate.min is not None:
+            rules.append(f">= {gate.min:g}")
+            ok &= value >= gate.min
+        if gate.max is not None:
+            rules.append(f"<= {gate.max:g}")
+            ok &= value <= gate.max
+        if gate.baseline is not None and gate.max_regression is not None:
+            slack = abs(gate.baseline) * gate.max_regression
+            if gate.higher_is_better:
+                limit = gate.baseline - slack
+                rules.append(f">= {limit:g} (baseline {gate.baseline:g} - {gate.max_regression:.0%})")
+                ok &= value >= limit
+            else:
+                limit = gate.baseline + slack
+                rules.append(f"<= {limit:g} (baseline {gate.baseline:g} + {gate.max_regression:.0%})")
+                ok &= value <= limit
+        results.append(GateResult(gate.metric, float(value), bool(ok), ", ".join(rules)))
+    return results
+
+
+def check(report_path: Path, baseline_path: Path) -> list[GateResult]:
+    """Evaluate every gate of the baseline file against the report file."""
+    report = _read_json(report_path, "report")
+    raw = _read_json(baseline_path, "baseline")
+    try:
+        baseline = Baseline.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise EdgesafeError(f"{baseline_path}: {where}: {err['msg']}") from None
+    return evaluate(report, baseline)

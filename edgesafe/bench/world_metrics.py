@@ -1,0 +1,117 @@
+"""Quality and safety figures of a pipeline in the tiny-shapes world, read by its evaluator.
+
+- prompt accuracy: share of images where every attribute the prompt names is recognised;
+- unwanted-concept rate: share of images of concept prompts where the evaluator sees the concept;
+- Frechet distance on the evaluator's features (the FID of this world) against reference images.
+
+These are the metric plug-ins later stages (fine-tuning, bench) use for the zoo world.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from scipy import linalg
+
+from ..zoo.tiny_shapes import world
+from ..zoo.tiny_shapes.evaluator import ShapesEvaluator
+
+
+@torch.no_grad()
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Images in [-1, 1] (N,3,H,W) for every prompt x seed, prompt-major; each image's noise comes
+    from its own seed, so a figure does not depend on the batch size."""
+    jobs = [(p, s) for p in prompts for s in seeds]
+    unet = pipe.unet
+    size = unet.config.sample_size
+    shape = (unet.config.in_channels, size, size)
+    out = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for _, s in chunk])
+        images = pipe(
+            [p for p, _ in chunk], latents=latents.to(unet.device, unet.dtype), num_inference_steps=steps,
+            guidance_scale=guidance_scale, output_type="pt",
+        ).images
+        out.append(images.float().cpu() * 2 - 1)
+        if progress:
+            progress(min(start + batch_size, len(jobs)), len(jobs))
+    return torch.cat(out)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N,D)."""
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    mu_a, mu_b = a64.mean(0), b64.mean(0)
+    cov_a, cov_b = np.cov(a64, rowvar=False), np.cov(b64, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+
+
+def real_images(n: int, *, seed: int, exclude: tuple[str, ...] = ()) -> torch.Tensor:
+    """``n`` procedural images of the world (the 'real' distribution), seeded."""
+    images, _, _ = world.sample_batch(n, np.random.default_rng([seed, 99]), exclude=exclude)
+    return torch.from_numpy(images)
+
+
+def prompt_accuracy(evaluator: ShapesEvaluator, images: torch.Tensor, prompts: Sequence[world.EvalPrompt],
+                    per_prompt: int) -> float:
+    """Share of images whose every prompted attribute is recognised (images prompt-major)."""
+    names, _ = evaluator.classify(images)
+    hits = 0
+    for i in range(len(images)):
+        p = prompts[i // per_prompt]
+        hits += all(getattr(p, head) in (None, names[head][i]) for head in world.HEADS)
+    return hits / max(1, len(images))
+
+
+def concept_rate(evaluator: ShapesEvaluator, images: torch.Tensor, concept: world.Concept) -> float:
+    """Share of images in which the evaluator sees the unwanted ``concept``."""
+    names, _ = evaluator.classify(images)
+    return sum(v == concept.value for v in names[concept.head]) / max(1, len(images))
+
+
+def evaluate_pipeline(
+    pipe: StableDiffusionPipeline,
+    evaluator: ShapesEvaluator,
+    *,
+    seeds: Sequence[int],
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    reference_features: torch.Tensor | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Every world figure of ``pipe``: prompt accuracy on wanted prompts, the unwanted-concept rate
+    of each concept on direct and paraphrase prompts, and FID against ``reference_features``."""
+    gen = dict(seeds=seeds, steps=steps, guidance_scale=guidance_scale)
+    wanted = world.wanted_prompts()
+    images = generate(pipe, [p.text for p in wanted], progress=progress, **gen)
+    result: dict = {"prompt_accuracy": prompt_accuracy(evaluator, images, wanted, len(seeds)),
+                    "generations": len(images), "concepts": {}}
+    _, features = evaluator.classify(images)
+    if reference_features is not None:
+        result["fid"] = frechet_distance(features, reference_features)
+    for name, concept in world.UNWANTED.items():
+        rates = {}
+        for kind, paraphrase in (("direct", False), ("paraphrase", True)):
+            prompts = world.concept_prompts(name, paraphrase=paraphrase)
+            concept_images = generate(pipe, [p.text for p in prompts], **gen)
+            rates[kind] = concept_rate(evaluator, concept_images, concept)
+            result["generations"] += len(concept_images)
+        result["concepts"][name] = rates
+    result["concept_rate_direct_min"] = min(r["direct"] for r in result["concepts"].values())
+    result["concept_rate_paraphrase_min"] = min(r["paraphrase"] for r in result["concepts"].values())
+    return result

@@ -1,0 +1,358 @@
+"""The ``edgesafe`` command line: thin, it parses, calls the library and prints with rich.
+
+Every user error is an :class:`EdgesafeError`: one line on stderr, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import EdgesafeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress text-to-image diffusion models for edge devices, safely.")
+recipes_app = typer.Typer(no_args_is_help=True, help="List, validate and show recipes.")
+devices_app = typer.Typer(no_args_is_help=True, help="List and show device profiles.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The embedded models: list and (re)build them.")
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(devices_app, name="devices")
+app.add_typer(zoo_app, name="zoo")
+
+RECIPE_DIR = Path("recipes")
+
+
+class Output:
+    """Where the CLI's words go: rich text, nothing (``--quiet``) or JSON lines (``--log-json``)."""
+
+    def __init__(self) -> None:
+        self.quiet = False
+        self.json = False
+        self.console = Console()
+        self.err = Console(stderr=True)
+
+    def say(self, message: Any) -> None:
+        if not (self.quiet or self.json):
+            self.console.print(message)
+
+    def event(self, kind: str, **data: Any) -> None:
+        if self.json:
+            print(json.dumps({"event": kind, **data}, default=str), flush=True)
+
+    def error(self, message: str) -> None:
+        if self.json:
+            print(json.dumps({"event": "error", "message": message}), flush=True)
+        self.err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+
+    @contextmanager
+    def progress(self):
+        """A callback ``(task, done, total)`` drawing one rich bar per task (none when quiet or JSON)."""
+        if self.quiet or self.json or not self.console.is_terminal and os.environ.get("EDGESAFE_PROGRESS") != "1":
+            yield lambda *_: None
+            return
+        bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=self.console, transient=False)
+        tasks: dict[str, Any] = {}
+
+        def update(task: str, done: int, total: int) -> None:
+            if task not in tasks:
+                tasks[task] = bars.add_task(task, total=total)
+            bars.update(tasks[task], completed=done, total=total)
+
+        with bars:
+            yield update
+
+
+out = Output()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"edgesafe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Print events as JSON lines (for CI).")] = False,
+) -> None:
+    out.quiet, out.json = quiet, log_json
+
+
+def _overrides(pairs: list[str] | None) -> dict[str, Any]:
+    result = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise EdgesafeError(f"--set {pair!r}: expected KEY=VALUE, e.g. finetune.steps=100")
+        result[key] = yaml.safe_load(value)
+    return result
+
+
+RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: KEY=VALUE (YAML value).")]
+
+
+def _load(recipe: Path, model: Path | None, sets: list[str] | None):
+    from .recipe import load_recipe
+
+    overrides = _overrides(sets)
+    if model is not None:
+        overrides["model.source"] = str(model)
+    return load_recipe(recipe, overrides=overrides)
+
+
+@app.command()
+def compress(
+    recipe: RecipeOpt,
+    model: Annotated[Path | None, typer.Option(help="Teacher folder; replaces the recipe's model.source.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Skip stages whose manifest matches; continue interrupted ones.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit.")] = False,
+    sets: SetOpt = None,
+) -> None:
+    """Run every stage of a recipe into a run folder."""
+    from .pipeline import PLANNED, STAGES
+    from .runs import RunDir, plan, run_stages
+
+    r = _load(recipe, model, sets)
+    run = RunDir(out_dir or Path("runs") / r.name)
+    if dry_run:
+        table = Table(title=f"plan for {r.name} -> {run.root}")
+        for col in ("stage", "folder", "action", "what"):
+            table.add_column(col)
+        for stage, action in plan(r, run, STAGES, resume=resume):
+            table.add_row(stage.name, stage.folder, action, stage.description)
+        for name, what in PLANNED.items():
+            table.add_row(name, "-", "not in this version", what)
+        out.say(table)
+        out.event("plan", recipe=r.name, run=str(run.root),
+                  stages=[{"stage": s.name, "action": a} for s, a in plan(r, run, STAGES, resume=resume)])
+        return
+    from .models.loading import resolve_source
+
+    resolve_source(r.model.source)  # fail before anything is written
+    with out.progress() as progress:
+        outcomes = run_stages(r, run, STAGES, resume=resume, progress=progress,
+                              on_stage=lambda s, status: out.say(f"[bold]{s.name}[/]: {status}"))
+    for o in outcomes:
+        out.event("stage", stage=o.name, status=o.status, figures=o.manifest.get("figures"))
+        out.say(f"{o.name}: {o.status} -> {run.root / next(s.folder for s in STAGES if s.name == o.name)}")
+    if PLANNED:
+        out.say(f"not in this version yet: {', '.join(PLANNED)}")
+    out.event("done", run=str(run.root))
+
+
+def _not_available(stage: str) -> None:
+    raise EdgesafeError(f"the {stage} stage is not available in edgesafe {__version__} yet")
+
+
+@app.command()
+def prune(recipe: RecipeOpt) -> None:
+    """Prune the teacher's UNet to the recipe's budget."""
+    _load(recipe, None, None)
+    _not_available("prune")
+
+
+@app.command()
+def finetune(recipe: RecipeOpt) -> None:
+    """Fine-tune the pruned UNet (distillation + concept unlearning)."""
+    _load(recipe, None, None)
+    _not_available("finetune")
+
+
+@app.command(name="export")
+def export_(recipe: RecipeOpt) -> None:
+    """Export the student to ONNX / Core ML, quantize and check parity."""
+    _load(recipe, None, None)
+    _not_available("export")
+
+
+@app.command()
+def bench(recipe: RecipeOpt) -> None:
+    """Benchmark the student against the teacher."""
+    _load(recipe, None, None)
+    _not_available("bench")
+
+
+@app.command()
+def check(
+    report: Annotated[Path, typer.Argument(help="report.json (or any JSON of figures).")],
+    baseline: Annotated[Path, typer.Option(help="Baseline JSON with gates.")],
+) -> None:
+    """Gate a report against a baseline: exit 0 if every gate passes, 1 if any fails."""
+    from .bench.check import check as run_check
+
+    results = run_check(report, baseline)
+    table = Table(title=f"{report} vs {baseline}")
+    for col in ("metric", "value", "rule", "result"):
+        table.add_column(col)
+    for res in results:
+        value = "-" if res.value is None else f"{res.value:.6g}"
+        table.add_row(res.metric, value, res.rule, "[green]pass[/]" if res.passed else "[red]FAIL[/]")
+        out.event("gate", metric=res.metric, value=res.value, rule=res.rule, passed=res.passed)
+    out.say(table)
+    failed = [r for r in results if not r.passed]
+    if failed:
+        out.error(f"{len(failed)} of {len(results)} gates failed")
+        raise typer.Exit(1)
+    out.say(f"all {len(results)} gates passed")
+
+
+@recipes_app.command("list")
+def recipes_list(folder: Annotated[Path, typer.Option(help="Folder of recipes.")] = RECIPE_DIR) -> None:
+    """List the recipes in a folder."""
+    from .recipe import load_recipe
+
+    table = Table()
+    for col in ("file", "name", "device", "budget", "concepts"):
+        table.add_column(col)
+    for path in sorted(folder.glob("*.yaml")):
+        r = load_recipe(path)
+        target = r.budget.ms_per_step and f"{r.budget.ms_per_step:g} ms/step" or f"{r.budget.ratio:g} x"
+        table.add_row(str(path), r.name, r.device, f"{r.budget.metric} {target}", ", ".join(c.name for c in r.concepts))
+        out.event("recipe", file=str(path), name=r.name, device=r.device)
+    out.say(table)
+
+
+@recipes_app.command("validate")
+def recipes_validate(files: Annotated[list[Path], typer.Argument(help="Recipe files.")]) -> None:
+    """Validate recipe files; all are checked, and any invalid one makes the exit code 2."""
+    from .recipe import load_recipe
+
+    errors = []
+    for path in files:
+        try:
+            load_recipe(path)
+            out.say(f"[green]ok[/] {path}")
+            out.event("valid", file=str(path))
+        except EdgesafeError as exc:
+            errors.append(str(exc))
+            out.error(str(exc))
+    if errors:
+        raise typer.Exit(2)
+
+
+@recipes_app.command("show")
+def recipes_show(recipe: Annotated[Path, typer.Argument(help="Recipe file.")], sets: SetOpt = None) -> None:
+    """Print a recipe resolved, with every default filled in."""
+    r = _load(recipe, None, sets)
+    if out.json:
+        out.event("recipe", recipe=r.to_dict())
+    elif not out.quiet:
+        print(r.to_yaml(), end="")
+
+
+@devices_app.command("list")
+def devices_list() -> None:
+    """List device profiles with the provenance of their latency estimates."""
+    from .devices import load_profiles
+
+    table = Table()
+    for col in ("name", "device", "runtime", "units", "precision", "round to", "latency from"):
+        table.add_column(col, overflow="fold")
+    for p in load_profiles().values():
+        table.add_row(p.name, p.title, p.runtime, p.compute_units, p.precision, str(p.channel_multiple), p.provenance())
+        out.event("device", name=p.name, title=p.title, provenance=p.provenance())
+    out.say(table)
+
+
+@devices_app.command("show")
+def devices_show(name: Annotated[str, typer.Argument(help="Profile name.")]) -> None:
+    """Print one device profile."""
+    from .devices import get_profile
+
+    profile = get_profile(name)
+    if out.json:
+        out.event("device", profile=profile.model_dump(mode="json"))
+    elif not out.quiet:
+        print(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False), end="")
+
+
+@devices_app.command("calibrate")
+def devices_calibrate(name: Annotated[str, typer.Argument(help="Profile name.")]) -> None:
+    """Recount the MACs of a profile's reference architecture and show the resulting throughput."""
+    from .devices import PublishedCalibration, get_profile
+    from .models.architectures import TEXT_LENGTH, build_unet
+    from .models.stats import count_macs
+
+    profile = get_profile(name)
+    cal = getattr(profile.estimator, "calibration", None)
+    if not isinstance(cal, PublishedCalibration):
+        raise EdgesafeError(f"device {name!r} has no published reference figure to calibrate from")
+    unet = build_unet(cal.reference_model, device="meta")
+    macs = count_macs(unet, batch=cal.reference_batch, text_length=TEXT_LENGTH[cal.reference_model])
+    out.say(f"{cal.reference_model} at batch {cal.reference_batch}: {macs} MACs (profile says {cal.reference_macs})")
+    out.say(f"throughput: {macs / (cal.published_ms_per_step / 1000) / 1e9:.1f} GMAC/s")
+    out.event("calibration", device=name, reference_macs=macs, profile_macs=cal.reference_macs)
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """List the embedded models and whether they are built."""
+    from .zoo import WEIGHTS_DIR, ZOO
+
+    for name, what in ZOO.items():
+        built = (WEIGHTS_DIR / name).is_dir()
+        out.say(f"zoo:{name}  {'built' if built else 'not built'}  {what}")
+        out.event("zoo", name=name, built=built)
+
+
+@zoo_app.command("build")
+def zoo_build(
+    name: Annotated[str, typer.Argument(help="Zoo entry to build (tiny-shapes builds its evaluator too).")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write (default: the package's zoo).")] = None,
+    work: Annotated[Path | None, typer.Option(help="Checkpoint folder; a rerun resumes from it.")] = None,
+    seed: int = 0,
+    schedule: Annotated[str, typer.Option(help="full (the shipped weights) or short (a smoke test).")] = "full",
+) -> None:
+    """Train an embedded model from scratch, resumably, and write it into the zoo."""
+    from .zoo import WEIGHTS_DIR
+    from .zoo.tiny_shapes.build import SCHEDULES, build
+
+    if name != "tiny-shapes":
+        raise EdgesafeError(f"zoo build knows only 'tiny-shapes' (got {name!r})")
+    if schedule not in SCHEDULES:
+        raise EdgesafeError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    work = work or Path.home() / ".cache" / "edgesafe" / "build" / f"{name}-{seed}-{schedule}"
+    with out.progress() as progress:
+        info = build(out_dir or WEIGHTS_DIR, work=work, seed=seed, schedule=SCHEDULES[schedule],
+                     progress=lambda phase, step, total, loss: progress(phase, step, total))
+    out.say(f"built {name} in {info['build_seconds']:.0f} s -> {out_dir or WEIGHTS_DIR}")
+    out.event("built", **info)
+
+
+def run() -> None:
+    """Console-script entry point: user errors become one line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except EdgesafeError as exc:
+        out.error(str(exc))
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        out.error("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        out.error("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,23 @@
+"""User-facing errors: one clear line each; the CLI prints them without a traceback and exits 2."""
+
+
+class EdgesafeError(Exception):
+    """Base of every error caused by the user's input (recipe, paths, models, budgets)."""
+
+    exit_code = 2
+
+
+class RecipeError(EdgesafeError):
+    """A recipe file that is missing, unreadable or invalid."""
+
+
+class ModelLoadError(EdgesafeError):
+    """A model folder, zoo name or weights file that cannot be loaded."""
+
+
+class BudgetError(EdgesafeError):
+    """A compression budget that cannot be reached."""
+
+
+class CheckpointError(EdgesafeError):
+    """A checkpoint that is missing, truncated or from another model."""

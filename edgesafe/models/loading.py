@@ -1,0 +1,72 @@
+"""One way in: ``load_pipeline(source)`` for ``zoo:NAME`` or a local diffusers folder, offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import SafetensorError
+
+from ..errors import ModelLoadError
+from ..zoo import zoo_path
+
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def resolve_source(source: str | Path) -> Path:
+    """The folder behind ``zoo:NAME`` or a path; a missing folder is a ModelLoadError."""
+    text = str(source)
+    if text.startswith("zoo:"):
+        return zoo_path(text[4:])
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: no such model folder")
+    return path
+
+
+def _check_pipeline_folder(path: Path) -> None:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        components = json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{index}: invalid JSON ({exc.msg})") from None
+    for name, spec in components.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        folder = path / name
+        if not folder.is_dir():
+            raise ModelLoadError(f"{path}: component folder {name}/ is missing")
+        if name in ("unet", "vae", "text_encoder") and not any((folder / w).is_file() for w in _WEIGHT_NAMES):
+            raise ModelLoadError(f"{folder}: no safetensors weights (edgesafe loads safetensors only)")
+
+
+def load_pipeline(source: str | Path, *, torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion pipeline from ``zoo:NAME`` or a local folder, offline, safetensors only."""
+    path = resolve_source(source)
+    _check_pipeline_folder(path)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True,
+            safety_checker=None, requires_safety_checker=False,
+        )
+    except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path}: cannot load pipeline ({first})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_evaluator(source: str | Path):
+    """Load the zoo world's evaluator (``ShapesEvaluator``) from ``zoo:NAME`` or a folder."""
+    from ..zoo.tiny_shapes.evaluator import ShapesEvaluator
+
+    path = resolve_source(source)
+    try:
+        return ShapesEvaluator.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
+    except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path}: cannot load evaluator ({first})") from None

@@ -1,0 +1,277 @@
+"""Recipes: one YAML file names the model, the device budget, the concepts to suppress and the data.
+
+``load_recipe`` validates a file once, at the edge, and returns a frozen :class:`Recipe` with
+every default filled in; ``Recipe.to_yaml`` writes that resolved form back (into the run folder).
+Every problem becomes one :class:`RecipeError` line naming the file, the field path and what was
+expected. Relative paths inside a recipe are taken from the current working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .devices import load_profiles
+from .errors import RecipeError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    """The teacher: ``zoo:NAME`` or a local diffusers folder (SD 1.x / 2.x layout)."""
+
+    source: str = Field(min_length=1)
+    evaluator: str | None = None
+    """Quality/safety evaluator for the zoo world (``zoo:NAME``); None for real models."""
+
+
+class Budget(_Section):
+    """What the pruned UNet must fit: a fraction of the teacher's params/MACs, or ms per step on the device."""
+
+    metric: Literal["params", "macs", "latency"] = "params"
+    ratio: float | None = Field(default=None, gt=0, le=1)
+    ms_per_step: float | None = Field(default=None, gt=0)
+    tolerance: float = Field(default=0.05, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Budget:
+        if self.metric in ("params", "macs") and self.ratio is None:
+            raise ValueError(f"a {self.metric} budget needs 'ratio' (fraction of the teacher, in (0, 1])")
+        if self.metric == "latency" and (self.ratio is None) == (self.ms_per_step is None):
+            raise ValueError("a latency budget needs exactly one of 'ms_per_step' or 'ratio'")
+        return self
+
+
+class PruneSpec(_Section):
+    method: Literal["width", "blocks", "width+blocks"] = "width"
+    importance: Literal["magnitude", "taylor", "random"] = "magnitude"
+    blocks: Literal["base", "small", "tiny"] | None = None
+    round_to: int | None = Field(default=None, ge=1)
+    """Channel multiple; None takes the device profile's."""
+    calibration_batches: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _blocks_named(self) -> PruneSpec:
+        if "blocks" in self.method and self.blocks is None:
+            raise ValueError(f"method {self.method!r} needs 'blocks' (base, small or tiny)")
+        return self
+
+
+class Concept(_Section):
+    """An unwanted concept: its prompts for unlearning, and held-out paraphrases for evaluation."""
+
+    name: str = Field(min_length=1)
+    target: str = Field(min_length=1)
+    """The words that name the concept inside its prompts (replaced by ``anchor`` for ablation)."""
+    objective: Literal["esd", "ablation"] = "esd"
+    prompts: list[str] = Field(min_length=1)
+    paraphrases: list[str] = Field(default_factory=list)
+    anchor: str | None = None
+    """What ``target`` becomes in the anchor prompts (``ablation``); ESD guides away instead."""
+    eta: float = Field(default=1.0, gt=0)
+    """ESD negative-guidance strength."""
+    params: Literal["xattn", "noxattn", "full"] = "xattn"
+
+    @field_validator("prompts", "paraphrases")
+    @classmethod
+    def _no_blank(cls, prompts: list[str]) -> list[str]:
+        if any(not p.strip() for p in prompts):
+            raise ValueError("prompts must not be blank")
+        return prompts
+
+    @model_validator(mode="after")
+    def _anchor_for_ablation(self) -> Concept:
+        if self.objective == "ablation" and not self.anchor:
+            raise ValueError("an 'ablation' concept needs an 'anchor'")
+        missing = [p for p in self.prompts if self.target.lower() not in p.lower()]
+        if missing:
+            raise ValueError(f"prompt {missing[0]!r} does not contain the target {self.target!r}")
+        return self
+
+
+class DataSpec(_Section):
+    """Fine-tuning images: the zoo world's generator, an image folder with captions, or a JSONL file."""
+
+    kind: Literal["zoo", "folder", "jsonl", "hf-dataset"] = "zoo"
+    name: str | None = None
+    path: str | None = None
+    resolution: int | None = Field(default=None, ge=8)
+    exclude_concepts: bool = True
+    """Drop every sample whose caption names an unwanted concept (the paper's setting)."""
+
+    @model_validator(mode="after")
+    def _source_named(self) -> DataSpec:
+        if self.kind == "zoo" and not self.name:
+            raise ValueError("zoo data needs 'name'")
+        if self.kind != "zoo" and not self.path:
+            raise ValueError(f"{self.kind} data needs 'path'")
+        return self
+
+
+class LowerLevel(_Section):
+    """L_ft: denoising loss + output distillation + feature distillation."""
+
+    denoise: float = Field(default=1.0, ge=0)
+    output_kd: float = Field(default=1.0, ge=0)
+    feature_kd: float = Field(default=1.0, ge=0)
+    feature_align: Literal["kept", "projection"] = "kept"
+    min_snr_gamma: float | None = Field(default=None, gt=0)
+
+
+class FinetuneSpec(_Section):
+    solver: Literal["kd", "two-stage", "bilevel-penalty", "bilevel-alternating"] = "bilevel-penalty"
+    steps: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    upper_lr: float = Field(default=1e-5, gt=0)
+    lower: LowerLevel = LowerLevel()
+    penalty_lambda: float = Field(default=1.0, gt=0)
+    inner_steps: int = Field(default=1, ge=1)
+    upper_every: int = Field(default=1, ge=1)
+    checkpoint_every: int = Field(default=200, ge=1)
+
+
+QUANTIZERS = ("int8-ort-dynamic", "int8-ort-static", "int8-nncf", "int8-hybrid",
+              "coreml-linear8", "coreml-palettize4", "coreml-palettize6", "coreml-palettize8")
+
+
+class Tolerance(_Section):
+    max_abs: float | None = Field(default=None, gt=0)
+    psnr_db: float | None = Field(default=None, gt=0)
+
+
+class ExportSpec(_Section):
+    targets: list[Literal["onnx", "coreml"]] = Field(default_factory=lambda: ["onnx"])
+    quantize: list[str] = Field(default_factory=list)
+    opset: int = Field(default=17, ge=14)
+    parity: dict[Literal["fp32", "fp16", "int8", "palettized"], Tolerance] = Field(
+        default_factory=lambda: {
+            "fp32": Tolerance(max_abs=1e-3, psnr_db=40.0),
+            "fp16": Tolerance(psnr_db=30.0),
+            "int8": Tolerance(psnr_db=25.0),
+            "palettized": Tolerance(psnr_db=20.0),
+        }
+    )
+
+    @field_validator("quantize")
+    @classmethod
+    def _known_quantizers(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in QUANTIZERS]
+        if unknown:
+            raise ValueError(f"unknown quantizer {unknown[0]!r}; known: {', '.join(QUANTIZERS)}")
+        return names
+
+
+class BenchSpec(_Section):
+    seeds: int = Field(default=4, ge=1)
+    steps: int = Field(default=20, ge=1)
+    guidance_scale: float = Field(default=5.0, ge=0)
+    attacks: list[Literal["direct", "paraphrase", "adversarial"]] = Field(
+        default_factory=lambda: ["direct", "paraphrase", "adversarial"]
+    )
+
+
+class CheckSpec(_Section):
+    """Gates ``edgesafe check`` applies when the baseline does not set its own."""
+
+    max_concept_rate: float = Field(default=0.05, ge=0, le=1)
+    max_prompt_accuracy_drop: float = Field(default=0.05, ge=0, le=1)
+    max_fid_increase: float = Field(default=0.10, ge=0)
+
+
+class Recipe(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    description: str = ""
+    seed: int = 0
+    model: ModelSpec
+    device: str
+    budget: Budget
+    prune: PruneSpec = PruneSpec()
+    concepts: list[Concept] = Field(default_factory=list)
+    data: DataSpec
+    finetune: FinetuneSpec = FinetuneSpec()
+    export: ExportSpec = ExportSpec()
+    bench: BenchSpec = BenchSpec()
+    check: CheckSpec = CheckSpec()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, name: str) -> str:
+        known = load_profiles()
+        if name not in known:
+            raise ValueError(f"unknown device {name!r}; known: {', '.join(known)}")
+        return name
+
+    @field_validator("concepts")
+    @classmethod
+    def _unique_concepts(cls, concepts: list[Concept]) -> list[Concept]:
+        names = [c.name for c in concepts]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"concept names must be unique; repeated: {', '.join(sorted(dup))}")
+        return concepts
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required field missing"
+    elif "input" in err and not isinstance(err["input"], dict | list):
+        msg += f" (got {err['input']!r})"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {path}: {msg}{more}"
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"{source}: {dotted}: cannot set a key inside a non-mapping")
+            node = child
+        node[leaf] = value
+    return data
+
+
+def recipe_from_dict(data: Any, *, source: str = "<recipe>", overrides: dict[str, Any] | None = None) -> Recipe:
+    """Validate an already-parsed recipe; every problem is a :class:`RecipeError`."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: (top level): expected a mapping of recipe sections, got {type(data).__name__}")
+    data = _apply_overrides(copy.deepcopy(data), overrides or {}, source)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_error(source, exc)) from None
+
+
+def load_recipe(path: str | Path, *, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read, validate and resolve a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RecipeError(f"{path}: not valid YAML ({first})") from None
+    return recipe_from_dict(data, source=str(path), overrides=overrides)

@@ -1,0 +1,171 @@
+"""Run folders and the generic stage runner.
+
+A run folder holds the resolved recipe and one sub-folder per stage, each with a ``stage.json``
+manifest: status, the key of its inputs (settings + hashes of what it reads), figures and wall
+time. ``--resume`` skips a stage whose manifest is complete with the same key, continues one that
+was interrupted with the same key (the stage resumes from its own checkpoints), and redoes one
+that is missing or stale. Manifests are written atomically; a stage is complete only once its
+manifest says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import EdgesafeError
+from .io import write_json, write_text
+from .recipe import Recipe
+
+MANIFEST = "stage.json"
+
+
+def fingerprint(path: Path, *, chunk: int = 1 << 20) -> str:
+    """A fast content fingerprint of a file or folder: names, sizes and the first and last MiB."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(chunk))
+            if size > 2 * chunk:
+                fh.seek(-chunk, 2)
+                h.update(fh.read(chunk))
+    return h.hexdigest()[:16]
+
+
+def digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageContext:
+    """What a stage's function receives."""
+
+    recipe: Recipe
+    run: RunDir
+    folder: Path
+    resume: bool
+    """True when an interrupted attempt with the same inputs left state to continue from."""
+    previous: dict[str, dict[str, Any]]
+    """Completed manifests of the stages before this one, by stage name."""
+    progress: Callable[[str, int, int], None] = lambda *_: None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named step of ``compress``: a settings selector and a function that returns figures."""
+
+    name: str
+    folder: str
+    settings: Callable[[Recipe], dict[str, Any]]
+    run: Callable[[StageContext], dict[str, Any]]
+    description: str = ""
+    inputs: Callable[[Recipe], dict[str, str]] = field(default=lambda recipe: {})
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    name: str
+    status: str  # "ran", "resumed" or "skipped"
+    manifest: dict[str, Any]
+
+
+class RunDir:
+    """A run folder on disk."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def stage_dir(self, stage: Stage) -> Path:
+        return self.root / stage.folder
+
+    def manifest(self, stage: Stage) -> dict[str, Any] | None:
+        path = self.stage_dir(stage) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, OSError):
+            return None
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        write_text(self.root / "recipe.yaml", recipe.to_yaml())
+
+
+def stage_key(stage: Stage, recipe: Recipe, previous: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The key of a stage's inputs: its settings, its own input hashes and its predecessors' keys."""
+    inputs = dict(stage.inputs(recipe))
+    inputs.update({f"stage:{name}": m["key"] for name, m in previous.items()})
+    settings = stage.settings(recipe)
+    return digest({"settings": settings, "inputs": inputs, "seed": recipe.seed}), {"settings": settings, "inputs": inputs}
+
+
+def plan(recipe: Recipe, run: RunDir, stages: list[Stage], *, resume: bool) -> list[tuple[Stage, str]]:
+    """What ``run_stages`` would do with each stage: "skip", "resume", "run" (keys of earlier
+    stages are assumed unchanged, so a stage after one that runs is shown as "run" only if stale)."""
+    previous: dict[str, dict[str, Any]] = {}
+    actions = []
+    for stage in stages:
+        key, _ = stage_key(stage, recipe, previous)
+        m = run.manifest(stage)
+        if resume and m and m.get("key") == key:
+            actions.append((stage, "skip" if m.get("status") == "complete" else "resume"))
+        else:
+            actions.append((stage, "run"))
+        previous[stage.name] = {"key": key}
+    return actions
+
+
+def run_stages(
+    recipe: Recipe,
+    run: RunDir,
+    stages: list[Stage],
+    *,
+    resume: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+    on_stage: Callable[[Stage, str], None] | None = None,
+) -> list[StageOutcome]:
+    """Run ``stages`` in order into ``run``; see the module docstring for the resume rules."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.write_recipe(recipe)
+    previous: dict[str, dict[str, Any]] = {}
+    outcomes = []
+    for stage in stages:
+        key, detail = stage_key(stage, recipe, previous)
+        folder = run.stage_dir(stage)
+        old = run.manifest(stage)
+        same = resume and old is not None and old.get("key") == key
+        if same and old.get("status") == "complete":
+            outcomes.append(StageOutcome(stage.name, "skipped", old))
+            previous[stage.name] = old
+            if on_stage:
+                on_stage(stage, "skipped")
+            continue
+        continuing = same and old.get("status") == "running"
+        if folder.exists() and not continuing:
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest: dict[str, Any] = {"stage": stage.name, "status": "running", "key": key, **detail,
+                                    "edgesafe": __version__}
+        write_json(folder / MANIFEST, manifest)
+        if on_stage:
+            on_stage(stage, "resumed" if continuing else "running")
+        ctx = StageContext(recipe, run, folder, continuing, dict(previous), progress or (lambda *_: None))
+        t0 = time.perf_counter()
+        figures = stage.run(ctx)
+        if not isinstance(figures, dict):
+            raise EdgesafeError(f"stage {stage.name!r} returned no figures")
+        manifest.update(status="complete", figures=figures, wall_seconds=round(time.perf_counter() - t0, 3))
+        write_json(folder / MANIFEST, manifest)
+        previous[stage.name] = manifest
+        outcomes.append(StageOutcome(stage.name, "resumed" if continuing else "ran", manifest))
+    return outcomes

@@ -1,0 +1,276 @@
+"""Train the tiny-shapes teacher pipeline and its evaluator from scratch, on the CPU, resumably.
+
+Three phases, each a loop that checkpoints to ``work/<phase>/checkpoint.safetensors`` (weights,
+EMA weights, optimizer state and step in one atomic file) and resumes from it:
+
+1. ``evaluator``: the object / colour / style classifier;
+2. ``vae``: an ``AutoencoderKL`` (32x32x3 <-> 8x8x8), whose latent scale is measured afterwards;
+3. ``diffusion``: a ``CLIPTextModel`` and a ``UNet2DConditionModel`` trained jointly with the
+   denoising loss (min-SNR weighted), captions dropped 10% of the time for guidance.
+
+Every batch is drawn from a generator seeded by (seed, phase, step), so a resumed build equals
+an uninterrupted one, and the same seed rebuilds the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ...io import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, write_json
+from . import world
+from .evaluator import ShapesEvaluator, augment
+from .tokenizer import MAX_LENGTH, check_word_level, write_tokenizer
+
+ProgressFn = Callable[[str, int, int, float], None]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long each phase trains. ``full`` makes the committed weights; ``short`` proves the builder runs."""
+
+    evaluator_steps: int = 1500
+    evaluator_batch: int = 128
+    vae_steps: int = 2500
+    vae_batch: int = 32
+    diffusion_steps: int = 3500
+    diffusion_batch: int = 64
+    checkpoint_every: int = 200
+
+
+SCHEDULES = {
+    "full": Schedule(),
+    "short": Schedule(
+        evaluator_steps=4, evaluator_batch=8, vae_steps=4, vae_batch=4, diffusion_steps=4, diffusion_batch=4,
+        checkpoint_every=2,
+    ),
+}
+
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+)
+
+
+def make_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=8, sample_size=world.IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+    )
+
+
+def make_text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH, projection_dim=64, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+    )
+    return CLIPTextModel(config)
+
+
+def make_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=world.IMAGE_SIZE // 4, in_channels=8, out_channels=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(64, 96, 96), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
+        norm_num_groups=16,
+    )
+
+
+def _lr(base: float, step: int, total: int, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _rngs(seed: int, phase: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    rng = np.random.default_rng([seed, phase, step])
+    return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+def _train(
+    folder: Path,
+    modules: dict[str, nn.Module],
+    lr: float,
+    steps: int,
+    loss_fn: Callable[[int], torch.Tensor],
+    *,
+    every: int,
+    ema_decay: float | None,
+    progress: ProgressFn | None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Run a resumable AdamW loop over ``modules``; return the final (EMA where used) weights."""
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
+    ckpt = folder / "checkpoint.safetensors"
+    start = 0
+    if ckpt.exists():
+        tensors = load_tensors(ckpt)
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt), "pt") as f:
+            meta = json.loads(f.metadata()["state"])
+        for k, m in modules.items():
+            m.load_state_dict({n[len(k) + 1 :]: t for n, t in tensors.items() if n.startswith(k + ".")})
+            ema[k] = {n[len(k) + 5 :]: t for n, t in tensors.items() if n.startswith(f"ema.{k}.")}
+        optimizer_from_tensors(opt, tensors, meta["optim"])
+        start = meta["step"]
+
+    def save(step: int) -> None:
+        tensors, optim_meta = optimizer_to_tensors(opt)
+        for k, m in modules.items():
+            tensors.update({f"{k}.{n}": t for n, t in m.state_dict().items()})
+            tensors.update({f"ema.{k}.{n}": t for n, t in ema[k].items()})
+        save_tensors(ckpt, tensors, metadata={"state": json.dumps({"step": step, "optim": optim_meta})})
+
+    for m in modules.values():
+        m.train()
+    for step in range(start, steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(lr, step, steps)
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = 0.0 if ema_decay is None else min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, m in modules.items():
+                for n, t in m.state_dict().items():
+                    if t.dtype.is_floating_point:
+                        ema[k][n].mul_(decay).add_(t.detach(), alpha=1 - decay)
+                    else:
+                        ema[k][n].copy_(t)
+        if progress:
+            progress(folder.name, step + 1, steps, float(loss))
+        if (step + 1) % every == 0 or step + 1 == steps:
+            save(step + 1)
+    for k, m in modules.items():
+        m.load_state_dict(ema[k])
+        m.eval()
+    return ema
+
+
+def _images(batch: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(batch)
+
+
+def build(
+    out: Path,
+    *,
+    work: Path,
+    seed: int = 0,
+    schedule: Schedule = SCHEDULES["full"],
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Train everything and write ``out/tiny-shapes`` (pipeline) and ``out/tiny-shapes-evaluator``."""
+    work.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    s = schedule
+    if (work / "build.json").exists():
+        seconds = json.loads((work / "build.json").read_text())["seconds"]
+
+    def timed(name: str, fn: Callable[[], object]) -> None:
+        t0 = time.perf_counter()
+        fn()
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+        write_json(work / "build.json", {"seconds": seconds})
+
+    # 1. evaluator
+    torch.manual_seed(seed)
+    evaluator = ShapesEvaluator()
+
+    def evaluator_loss(step: int) -> torch.Tensor:
+        rng, gen = _rngs(seed, 1, step)
+        images, _, labels = world.sample_batch(s.evaluator_batch, rng)
+        logits, _ = evaluator(augment(_images(images), gen))
+        labels_t = torch.from_numpy(labels)
+        return sum(nn.functional.cross_entropy(logits[h], labels_t[:, i]) for i, h in enumerate(world.HEADS))
+
+    timed("evaluator", lambda: _train(work / "evaluator", {"evaluator": evaluator}, 2e-3, s.evaluator_steps,
+                                      evaluator_loss, every=s.checkpoint_every, ema_decay=None, progress=progress))
+
+    # 2. VAE
+    torch.manual_seed(seed + 1)
+    vae = make_vae()
+
+    def vae_loss(step: int) -> torch.Tensor:
+        rng, gen = _rngs(seed, 2, step)
+        images = _images(world.sample_batch(s.vae_batch, rng)[0])
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        return (recon - images).abs().mean() + 1e-6 * posterior.kl().mean()
+
+    timed("vae", lambda: _train(work / "vae", {"vae": vae}, 1e-3, s.vae_steps, vae_loss,
+                                every=s.checkpoint_every, ema_decay=0.999, progress=progress))
+    with torch.no_grad():
+        rng, gen = _rngs(seed, 3, 0)
+        latents = vae.encode(_images(world.sample_batch(256, rng)[0])).latent_dist.sample(generator=gen)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+
+    # 3. text encoder + UNet
+    tokenizer = write_tokenizer(world.vocabulary(), work / "tokenizer")
+    bad = check_word_level(tokenizer, world.vocabulary())
+    if bad:
+        raise RuntimeError(f"tokenizer splits world words: {bad}")
+    torch.manual_seed(seed + 2)
+    text_encoder = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    unet = make_unet()
+    noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    snr = noise_scheduler.alphas_cumprod / (1 - noise_scheduler.alphas_cumprod)
+
+    def diffusion_loss(step: int) -> torch.Tensor:
+        rng, gen = _rngs(seed, 4, step)
+        images, captions, _ = world.sample_batch(s.diffusion_batch, rng)
+        captions = ["" if rng.random() < 0.1 else c for c in captions]
+        with torch.no_grad():
+            latents = vae.encode(_images(images)).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+        ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                        return_tensors="pt").input_ids
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+        weight = torch.clamp(snr[t], max=5.0) / snr[t]
+        return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+    vae.requires_grad_(False)
+    timed("diffusion", lambda: _train(work / "diffusion", {"text_encoder": text_encoder, "unet": unet}, 4e-4,
+                                      s.diffusion_steps, diffusion_loss, every=s.checkpoint_every, ema_decay=0.999,
+                                      progress=progress))
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out / "tiny-shapes", safe_serialization=True)
+    evaluator.save_pretrained(out / "tiny-shapes-evaluator", safe_serialization=True)
+    info = {
+        "seed": seed,
+        "schedule": asdict(schedule),
+        "seconds": seconds,
+        "build_seconds": sum(seconds.values()),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+    }
+    write_json(out / "tiny-shapes" / "build.json", info)
+    return info

@@ -1,0 +1,108 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from edgesafe import __version__
+from edgesafe.cli import app
+
+from .conftest import RECIPES, ROOT
+
+runner = CliRunner()
+TINY = str(ROOT / "recipes" / "tiny-shapes.yaml")
+
+
+def cli(*args, cwd=ROOT):
+    """The real console script in a subprocess."""
+    return subprocess.run([sys.executable, "-c", "from edgesafe.cli import run; run()", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.stdout
+
+
+def test_recipes_validate_all_shipped():
+    result = runner.invoke(app, ["recipes", "validate", *map(str, RECIPES)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("ok") == len(RECIPES)
+
+
+def test_recipes_show_is_resolved_yaml():
+    result = runner.invoke(app, ["recipes", "show", TINY, "--set", "finetune.steps=3"])
+    assert result.exit_code == 0
+    assert "steps: 3" in result.stdout and "feature_align: kept" in result.stdout
+
+
+def test_devices_list_and_show():
+    result = runner.invoke(app, ["--log-json", "devices", "list"])
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {e["name"] for e in events} >= {"iphone15", "pixel8", "host-cpu", "jetson-orin-nano", "raspberry-pi5"}
+    assert all(e["provenance"] for e in events)
+    assert "apple/ml-stable-diffusion" in next(e for e in events if e["name"] == "iphone15")["provenance"]
+    assert "runtime: coreml" in runner.invoke(app, ["devices", "show", "iphone15"]).stdout
+
+
+def test_dry_run_prints_the_plan(tmp_path):
+    result = runner.invoke(app, ["--log-json", "compress", "--recipe", TINY, "--dry-run", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout.splitlines()[-1])
+    assert plan["event"] == "plan" and plan["stages"][0] == {"stage": "teacher", "action": "run"}
+    assert not (tmp_path / "r").exists(), "a dry run writes nothing"
+
+
+def test_subprocess_validate_and_bad_recipe(tmp_path):
+    ok = cli("recipes", "validate", *map(str, RECIPES))
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "recipes" / "tiny-shapes.yaml").read_text().replace("ratio: 0.5", "ratio: 7"))
+    result = cli("compress", "--recipe", str(bad), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "budget.ratio" in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compress", "--recipe", "missing.yaml"],
+        ["compress", "--recipe", TINY, "--model", "/nonexistent/sd15"],
+        ["compress", "--recipe", TINY, "--set", "novalue"],
+        ["devices", "show", "abacus"],
+        ["check", "missing.json", "--baseline", "missing.json"],
+    ],
+)
+def test_user_errors_are_one_line_exit_2(args, tmp_path):
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([ln for ln in result.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_check_exit_codes(tmp_path):
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"x": 1.0}))
+    (tmp_path / "pass.json").write_text(json.dumps({"gates": [{"metric": "x", "max": 2}]}))
+    (tmp_path / "fail.json").write_text(json.dumps({"gates": [{"metric": "x", "max": 0.5}]}))
+    assert cli("check", str(report), "--baseline", str(tmp_path / "pass.json")).returncode == 0
+    failed = cli("check", str(report), "--baseline", str(tmp_path / "fail.json"))
+    assert failed.returncode == 1 and "1 of 1 gates failed" in failed.stderr
+
+
+def test_compress_runs_the_teacher_stage_and_resumes(tmp_path, short_pipeline_dir):
+    run_dir = tmp_path / "run"
+    args = ["--log-json", "compress", "--recipe", TINY, "--model", str(short_pipeline_dir), "--out", str(run_dir)]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    manifest = json.loads((run_dir / "0-teacher" / "stage.json").read_text())
+    figures = manifest["figures"]
+    assert figures["unet_params"] > 1_000_000 and figures["unet_macs_per_step"] == 2 * figures["unet_macs"]
+    assert figures["ms_per_step"] > 0 and figures["ms_per_step_source"].startswith("measured")
+    assert (run_dir / "recipe.yaml").is_file()
+    again = cli(*args, "--resume")
+    stage = [json.loads(ln) for ln in again.stdout.splitlines() if '"stage"' in ln][0]
+    assert stage["status"] == "skipped"

@@ -1,0 +1,132 @@
+import copy
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgesafe.errors import EdgesafeError, RecipeError
+from edgesafe.recipe import Recipe, load_recipe, recipe_from_dict
+
+from .conftest import RECIPES, ROOT
+
+TINY = ROOT / "recipes" / "tiny-shapes.yaml"
+
+
+def tiny_data() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert recipe.concepts, "every shipped recipe names concepts to suppress"
+
+
+def test_defaults_are_filled_and_round_trip():
+    recipe = load_recipe(TINY)
+    assert recipe.finetune.lower.feature_align == "kept"
+    assert recipe.export.parity["fp32"].max_abs == 1e-3
+    again = recipe_from_dict(yaml.safe_load(recipe.to_yaml()))
+    assert again == recipe
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"budget.ratio": 1.5}, "budget.ratio: Input should be less than or equal to 1 (got 1.5)"),
+        ({"budget.ratio": "half"}, "budget.ratio: Input should be a valid number"),
+        ({"device": "nokia-3310"}, "device: unknown device 'nokia-3310'"),
+        ({"finetune.stepz": 3}, "finetune.stepz: unknown key"),
+        ({"budget.metric": "latency", "budget.ms_per_step": 90}, "budget: a latency budget needs exactly one of"),
+        ({"concepts": []}, None),
+        ({"export.quantize": ["int4-magic"]}, "export.quantize: unknown quantizer 'int4-magic'"),
+        ({"prune.method": "blocks"}, "prune: method 'blocks' needs 'blocks'"),
+    ],
+)
+def test_bad_fields_name_file_path_and_expectation(override, expected):
+    if expected is None:  # an empty concept list is allowed (distillation only)
+        assert load_recipe(TINY, overrides=override).concepts == []
+        return
+    with pytest.raises(RecipeError) as err:
+        load_recipe(TINY, overrides=override)
+    message = str(err.value)
+    assert message.startswith(str(TINY) + ": ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_concept_without_prompts_and_prompt_without_target():
+    data = tiny_data()
+    data["concepts"][0]["prompts"] = []
+    with pytest.raises(RecipeError, match=r"concepts\.0\.prompts"):
+        recipe_from_dict(data, source="x.yaml")
+    data = tiny_data()
+    data["concepts"][1]["prompts"].append("a red circle")
+    with pytest.raises(RecipeError, match="does not contain the target 'star'"):
+        recipe_from_dict(data, source="x.yaml")
+
+
+def test_missing_and_unparsable_files(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(RecipeError, match="expected a mapping"):
+        load_recipe(bad)
+
+
+def test_overrides_do_not_touch_the_input():
+    data = tiny_data()
+    before = copy.deepcopy(data)
+    recipe = recipe_from_dict(data, overrides={"finetune.steps": 7})
+    assert recipe.finetune.steps == 7
+    assert data == before
+
+
+# --- property test: mutated recipes either load or fail with an EdgesafeError -----------------
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True), st.text(max_size=12),
+    st.lists(st.text(max_size=5), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+ALL_PATHS = [p for p in _paths(tiny_data()) if p]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    edits=st.lists(st.tuples(st.sampled_from(ALL_PATHS), st.sampled_from(["delete", "set"]), _values), max_size=4)
+)
+def test_mutated_recipes_load_or_raise_edgesafe_error(edits):
+    data = tiny_data()
+    for path, action, value in edits:
+        node = data
+        try:
+            for key in path[:-1]:
+                node = node[key]
+            if action == "delete":
+                del node[path[-1]]
+            else:
+                node[path[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            continue
+    try:
+        assert isinstance(recipe_from_dict(data, source="mutated.yaml"), Recipe)
+    except EdgesafeError as exc:
+        assert str(exc).startswith("mutated.yaml: ")

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from edgesafe.zoo.tiny_shapes import world
+from edgesafe.zoo.tiny_shapes.tokenizer import check_word_level, write_tokenizer
+
+
+def test_render_is_seeded_and_in_range():
+    a = world.Attributes("star", "red", "checkerboard")
+    x = world.render(a, np.random.default_rng(1))
+    assert x.shape == (32, 32, 3) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    assert np.array_equal(x, world.render(a, np.random.default_rng(1)))
+    assert not np.array_equal(x, world.render(a, np.random.default_rng(2)))
+
+
+def test_object_pixels_carry_the_colour():
+    img = world.render(world.Attributes("square", "blue", "plain"), np.random.default_rng(0))
+    bluest = img.reshape(-1, 3)[np.argmax(img.reshape(-1, 3)[:, 2] - img.reshape(-1, 3)[:, 0])]
+    assert bluest[2] > 0.7 and bluest[0] < 0.3
+
+
+def test_fine_tuning_split_excludes_unwanted_concepts():
+    _, captions, labels = world.sample_batch(300, np.random.default_rng(0), exclude=tuple(world.UNWANTED))
+    words = {w for c in captions for w in c.split()}
+    for concept in world.UNWANTED.values():
+        assert not words & set(concept.unlearn_words + concept.paraphrase_words)
+    assert world.HEADS["object"].index("star") not in labels[:, 0]
+    assert world.HEADS["style"].index("checkerboard") not in labels[:, 2]
+
+
+def test_paraphrase_words_are_held_out_from_unlearning_prompts():
+    for name, concept in world.UNWANTED.items():
+        direct = " ".join(p.text for p in world.concept_prompts(name))
+        para = world.concept_prompts(name, paraphrase=True)
+        assert para and all(any(w in p.text.split() for w in concept.paraphrase_words) for p in para)
+        assert not set(direct.split()) & set(concept.paraphrase_words)
+        # the teacher did see the paraphrase words in training
+        assert set(concept.paraphrase_words) <= set(world.WORDS[concept.head][concept.value])
+
+
+def test_prompt_sets():
+    wanted = world.wanted_prompts()
+    assert len(wanted) == 4 * 6 * 4
+    assert all(p.object != "star" and p.style != "checkerboard" for p in wanted)
+
+
+def test_tokenizer_is_word_level(tmp_path):
+    tok = write_tokenizer(world.vocabulary(), tmp_path)
+    assert check_word_level(tok, world.vocabulary()) == []
+    ids = tok("a red pentagram on a chessboard background").input_ids
+    assert len(ids) == 2 + 7
+    # words outside the world still tokenize, as characters
+    assert len(tok.tokenize("zebra")) > 1
+
+
+@pytest.mark.parametrize("name", list(world.UNWANTED))
+def test_concept_prompts_name_the_concept(name):
+    concept = world.UNWANTED[name]
+    for p in world.concept_prompts(name):
+        assert getattr(p, concept.head) == concept.value

@@ -1,0 +1,90 @@
+"""The builder, the loader and the committed zoo models."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from edgesafe import load_evaluator, load_pipeline
+from edgesafe.bench.world_metrics import evaluate_pipeline, frechet_distance, generate, real_images
+from edgesafe.errors import ModelLoadError
+from edgesafe.zoo import WEIGHTS_DIR
+from edgesafe.zoo.tiny_shapes import world
+from edgesafe.zoo.tiny_shapes.build import SCHEDULES, build
+
+BUILT = (WEIGHTS_DIR / "tiny-shapes").is_dir()
+needs_zoo = pytest.mark.skipif(not BUILT, reason="zoo weights not built in this checkout")
+
+
+def test_short_build_writes_real_diffusers_folders(short_build):
+    pipe = StableDiffusionPipeline.from_pretrained(short_build / "tiny-shapes")
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
+    assert all(f.suffix != ".bin" for f in (short_build / "tiny-shapes").rglob("*") if f.is_file())
+    info = json.loads((short_build / "tiny-shapes" / "build.json").read_text())
+    assert info["schedule"]["diffusion_steps"] == SCHEDULES["short"].diffusion_steps
+
+
+def test_build_is_deterministic_and_resumable(tmp_path, short_build):
+    """Same seed, fresh work folder, killed after the evaluator phase: the same weights."""
+    work = tmp_path / "work"
+    build(tmp_path / "a", work=work, seed=0, schedule=SCHEDULES["short"])
+    shutil.rmtree(work / "vae")
+    shutil.rmtree(work / "diffusion")
+    build(tmp_path / "b", work=work, seed=0, schedule=SCHEDULES["short"])
+    for sub in ("tiny-shapes/unet", "tiny-shapes/vae", "tiny-shapes-evaluator"):
+        a = (tmp_path / "a" / sub).glob("*.safetensors")
+        for f in a:
+            assert f.read_bytes() == (short_build / sub / f.name).read_bytes(), sub
+            assert f.read_bytes() == (tmp_path / "b" / sub / f.name).read_bytes(), sub
+
+
+def test_load_errors(tmp_path, short_pipeline_dir):
+    with pytest.raises(ModelLoadError, match="unknown zoo model 'nope'"):
+        load_pipeline("zoo:nope")
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        load_pipeline(tmp_path / "missing")
+    partial = tmp_path / "partial"
+    shutil.copytree(short_pipeline_dir, partial)
+    shutil.rmtree(partial / "unet")
+    with pytest.raises(ModelLoadError, match="component folder unet/ is missing"):
+        load_pipeline(partial)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(short_pipeline_dir, corrupt)
+    weights = corrupt / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="cannot load pipeline"):
+        load_pipeline(corrupt)
+
+
+def test_metrics_on_a_real_pipeline(short_build):
+    pipe = load_pipeline(short_build / "tiny-shapes")
+    evaluator = load_evaluator(short_build / "tiny-shapes-evaluator")
+    images = generate(pipe, ["a red circle on a plain background"], seeds=[0, 1], steps=2)
+    again = generate(pipe, ["a red circle on a plain background"], seeds=[1], steps=2)
+    assert images.shape == (2, 3, 32, 32) and torch.allclose(images[1], again[0], atol=1e-5)
+    _, feats = evaluator.classify(real_images(64, seed=0))
+    assert frechet_distance(feats, feats) == pytest.approx(0, abs=1e-6)
+
+
+@needs_zoo
+def test_committed_evaluator_reads_procedural_images():
+    import numpy as np
+
+    evaluator = load_evaluator("zoo:tiny-shapes-evaluator")
+    images, _, labels = world.sample_batch(300, np.random.default_rng([777, 1]))
+    names, _ = evaluator.classify(torch.from_numpy(images))
+    for k, head in enumerate(world.HEADS):
+        acc = np.mean([names[head][i] == world.HEADS[head][labels[i, k]] for i in range(len(labels))])
+        assert acc >= 0.98, (head, acc)
+
+
+@needs_zoo
+def test_committed_teacher_generates_what_it_is_asked():
+    pipe = load_pipeline("zoo:tiny-shapes")
+    assert StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR / "tiny-shapes") is not None
+    evaluator = load_evaluator("zoo:tiny-shapes-evaluator")
+    figures = evaluate_pipeline(pipe, evaluator, seeds=[0], steps=12)
+    assert figures["prompt_accuracy"] >= 0.6
+    assert figures["concept_rate_direct_min"] >= 0.6
