@@ -21,7 +21,10 @@ from rich.table import Table
 from . import __version__
 from .errors import EdgesafeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress text-to-image diffusion models for edge devices, safely.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="Compress text-to-image diffusion models for edge devices, safely.",
+)
 recipes_app = typer.Typer(no_args_is_help=True, help="List, validate and show recipes.")
 devices_app = typer.Typer(no_args_is_help=True, help="List and show device profiles.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The embedded models: list and (re)build them.")
@@ -39,7 +42,7 @@ class Output:
         self.quiet = False
         self.json = False
         self.console = Console()
-        self.err = Console(stderr=True)
+        self.err = Console(stderr=True, soft_wrap=True)
 
     def say(self, message: Any) -> None:
         if not (self.quiet or self.json):
@@ -84,7 +87,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     log_json: Annotated[bool, typer.Option("--log-json", help="Print events as JSON lines (for CI).")] = False,
 ) -> None:
@@ -119,7 +124,7 @@ def compress(
     recipe: RecipeOpt,
     model: Annotated[Path | None, typer.Option(help="Teacher folder; replaces the recipe's model.source.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default runs/<recipe name>).")] = None,
-    resume: Annotated[bool, typer.Option(help="Skip stages whose manifest matches; continue interrupted ones.")] = False,
+    resume: Annotated[bool, typer.Option(help="Skip matching stages; continue interrupted ones.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit.")] = False,
     sets: SetOpt = None,
 ) -> None:
@@ -337,7 +342,7 @@ def zoo_build(
 def run() -> None:
     """Console-script entry point: user errors become one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising
     except EdgesafeError as exc:
         out.error(str(exc))
         sys.exit(exc.exit_code)
@@ -356,3 +361,4 @@ def run() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)

@@ -106,7 +106,8 @@ def stage_key(stage: Stage, recipe: Recipe, previous: dict[str, dict[str, Any]])
     inputs = dict(stage.inputs(recipe))
     inputs.update({f"stage:{name}": m["key"] for name, m in previous.items()})
     settings = stage.settings(recipe)
-    return digest({"settings": settings, "inputs": inputs, "seed": recipe.seed}), {"settings": settings, "inputs": inputs}
+    key = digest({"settings": settings, "inputs": inputs, "seed": recipe.seed})
+    return key, {"settings": settings, "inputs": inputs}
 
 
 def plan(recipe: Recipe, run: RunDir, stages: list[Stage], *, resume: bool) -> list[tuple[Stage, str]]:

@@ -34,7 +34,7 @@ from diffusers import (
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ...io import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, write_json
+from ...io import load_metadata, load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, write_json
 from . import world
 from .evaluator import ShapesEvaluator, augment
 from .tokenizer import MAX_LENGTH, check_word_level, write_tokenizer
@@ -50,7 +50,7 @@ class Schedule:
     evaluator_batch: int = 128
     vae_steps: int = 2500
     vae_batch: int = 32
-    diffusion_steps: int = 3500
+    diffusion_steps: int = 2500
     diffusion_batch: int = 64
     checkpoint_every: int = 200
 
@@ -125,10 +125,7 @@ def _train(
     start = 0
     if ckpt.exists():
         tensors = load_tensors(ckpt)
-        from safetensors import safe_open
-
-        with safe_open(str(ckpt), "pt") as f:
-            meta = json.loads(f.metadata()["state"])
+        meta = json.loads(load_metadata(ckpt)["state"])
         for k, m in modules.items():
             m.load_state_dict({n[len(k) + 1 :]: t for n, t in tensors.items() if n.startswith(k + ".")})
             ema[k] = {n[len(k) + 5 :]: t for n, t in tensors.items() if n.startswith(f"ema.{k}.")}
@@ -170,10 +167,6 @@ def _train(
     return ema
 
 
-def _images(batch: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(batch)
-
-
 def build(
     out: Path,
     *,
@@ -202,7 +195,7 @@ def build(
     def evaluator_loss(step: int) -> torch.Tensor:
         rng, gen = _rngs(seed, 1, step)
         images, _, labels = world.sample_batch(s.evaluator_batch, rng)
-        logits, _ = evaluator(augment(_images(images), gen))
+        logits, _ = evaluator(augment(torch.from_numpy(images), gen))
         labels_t = torch.from_numpy(labels)
         return sum(nn.functional.cross_entropy(logits[h], labels_t[:, i]) for i, h in enumerate(world.HEADS))
 
@@ -215,7 +208,7 @@ def build(
 
     def vae_loss(step: int) -> torch.Tensor:
         rng, gen = _rngs(seed, 2, step)
-        images = _images(world.sample_batch(s.vae_batch, rng)[0])
+        images = torch.from_numpy(world.sample_batch(s.vae_batch, rng)[0])
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         return (recon - images).abs().mean() + 1e-6 * posterior.kl().mean()
@@ -224,7 +217,7 @@ def build(
                                 every=s.checkpoint_every, ema_decay=0.999, progress=progress))
     with torch.no_grad():
         rng, gen = _rngs(seed, 3, 0)
-        latents = vae.encode(_images(world.sample_batch(256, rng)[0])).latent_dist.sample(generator=gen)
+        latents = vae.encode(torch.from_numpy(world.sample_batch(256, rng)[0])).latent_dist.sample(generator=gen)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
 
     # 3. text encoder + UNet
@@ -243,7 +236,7 @@ def build(
         images, captions, _ = world.sample_batch(s.diffusion_batch, rng)
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
-            latents = vae.encode(_images(images)).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+            latents = vae.encode(torch.from_numpy(images)).latent_dist.sample(generator=gen) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
         ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,

@@ -90,7 +90,9 @@ class Attributes:
     style: str
 
     def label(self) -> tuple[int, int, int]:
-        return (HEADS["object"].index(self.object), HEADS["colour"].index(self.colour), HEADS["style"].index(self.style))
+        return (
+            HEADS["object"].index(self.object), HEADS["colour"].index(self.colour), HEADS["style"].index(self.style)
+        )
 
 
 def vocabulary() -> list[str]:
