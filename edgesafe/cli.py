@@ -119,18 +119,45 @@ def _load(recipe: Path, model: Path | None, sets: list[str] | None):
     return load_recipe(recipe, overrides=overrides)
 
 
+ModelOpt = Annotated[Path | None, typer.Option(help="Teacher folder; replaces the recipe's model.source.")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default runs/<recipe name>).")]
+ResumeOpt = Annotated[bool, typer.Option(help="Skip matching stages; continue interrupted ones.")]
+
+
+def _run(recipe: Path, model: Path | None, out_dir: Path | None, resume: bool, sets: list[str] | None,
+         until: str | None = None) -> None:
+    """Run the stages (up to ``until``) of a recipe into its run folder."""
+    from .models.loading import resolve_source
+    from .pipeline import PLANNED, STAGES
+    from .runs import RunDir, run_stages
+
+    r = _load(recipe, model, sets)
+    run = RunDir(out_dir or Path("runs") / r.name)
+    stages = STAGES if until is None else STAGES[: [s.name for s in STAGES].index(until) + 1]
+    resolve_source(r.model.source)  # fail before anything is written
+    with out.progress() as progress:
+        outcomes = run_stages(r, run, stages, resume=resume, progress=progress,
+                              on_stage=lambda s, status: out.say(f"[bold]{s.name}[/]: {status}"))
+    for o in outcomes:
+        out.event("stage", stage=o.name, status=o.status, figures=o.manifest.get("figures"))
+        out.say(f"{o.name}: {o.status} -> {run.root / next(s.folder for s in STAGES if s.name == o.name)}")
+    if until is None and PLANNED:
+        out.say(f"not in this version yet: {', '.join(PLANNED)}")
+    out.event("done", run=str(run.root))
+
+
 @app.command()
 def compress(
     recipe: RecipeOpt,
-    model: Annotated[Path | None, typer.Option(help="Teacher folder; replaces the recipe's model.source.")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default runs/<recipe name>).")] = None,
-    resume: Annotated[bool, typer.Option(help="Skip matching stages; continue interrupted ones.")] = False,
+    model: ModelOpt = None,
+    out_dir: OutOpt = None,
+    resume: ResumeOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit.")] = False,
     sets: SetOpt = None,
 ) -> None:
     """Run every stage of a recipe into a run folder."""
     from .pipeline import PLANNED, STAGES
-    from .runs import RunDir, plan, run_stages
+    from .runs import RunDir, plan
 
     r = _load(recipe, model, sets)
     run = RunDir(out_dir or Path("runs") / r.name)
@@ -146,18 +173,7 @@ def compress(
         out.event("plan", recipe=r.name, run=str(run.root),
                   stages=[{"stage": s.name, "action": a} for s, a in plan(r, run, STAGES, resume=resume)])
         return
-    from .models.loading import resolve_source
-
-    resolve_source(r.model.source)  # fail before anything is written
-    with out.progress() as progress:
-        outcomes = run_stages(r, run, STAGES, resume=resume, progress=progress,
-                              on_stage=lambda s, status: out.say(f"[bold]{s.name}[/]: {status}"))
-    for o in outcomes:
-        out.event("stage", stage=o.name, status=o.status, figures=o.manifest.get("figures"))
-        out.say(f"{o.name}: {o.status} -> {run.root / next(s.folder for s in STAGES if s.name == o.name)}")
-    if PLANNED:
-        out.say(f"not in this version yet: {', '.join(PLANNED)}")
-    out.event("done", run=str(run.root))
+    _run(recipe, model, out_dir, resume, sets)
 
 
 def _not_available(stage: str) -> None:
@@ -165,10 +181,10 @@ def _not_available(stage: str) -> None:
 
 
 @app.command()
-def prune(recipe: RecipeOpt) -> None:
-    """Prune the teacher's UNet to the recipe's budget."""
-    _load(recipe, None, None)
-    _not_available("prune")
+def prune(recipe: RecipeOpt, model: ModelOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
+          sets: SetOpt = None) -> None:
+    """Prune the teacher's UNet to the recipe's budget (runs the stages before it as needed)."""
+    _run(recipe, model, out_dir, resume, sets, until="prune")
 
 
 @app.command()

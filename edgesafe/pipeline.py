@@ -2,20 +2,25 @@
 
 Each stage is a :class:`~edgesafe.runs.Stage`: the settings it depends on, the hashes of what it
 reads, and a function that does the work and returns figures for its manifest. ``STAGES`` lists
-them in order; stages that a later version adds (prune, finetune, export, bench) are in
+them in order; stages that a later version adds (finetune, export, bench) are in
 ``PLANNED`` until they exist, so a plan shows them and a run says they are not available yet.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from diffusers import UNet2DConditionModel
 
+from . import data
 from .bench.latency import measure_unet_ms
 from .devices import get_profile
+from .finetune.losses import DenoisingTask
 from .models.loading import load_pipeline, resolve_source
-from .models.stats import count_macs, count_params, param_bytes
+from .models.stats import count_macs, count_params, param_bytes, unet_example_inputs
+from .prune import accumulate_taylor_gradients, prune_to_budget, save_unet
 from .recipe import Recipe
 from .runs import Stage, StageContext, fingerprint
 
@@ -54,10 +59,72 @@ TEACHER = Stage(
     run=_teacher,
 )
 
-STAGES: list[Stage] = [TEACHER]
+def budget_measure(recipe: Recipe, *, text_length: int) -> Callable[[UNet2DConditionModel], float]:
+    """The figure a recipe's budget is expressed in, as a function of a UNet."""
+    metric = recipe.budget.metric
+    if metric == "params":
+        return count_params
+    if metric == "macs":
+        return lambda unet: float(count_macs(unet, batch=2, text_length=text_length))
+    profile = get_profile(recipe.device)
+    if profile.measured:
+        return lambda unet: measure_unet_ms(unet, batch=2, text_length=text_length)
+    return lambda unet: profile.estimate_ms_per_step(count_macs(unet, batch=2, text_length=text_length),
+                                                     param_bytes(unet))
+
+
+def _taylor_calibration(ctx: StageContext, pipe) -> Callable[[UNet2DConditionModel], None]:
+    """Gradients of the denoising loss on a few fine-tuning batches (Diff-Pruning's importance)."""
+    recipe = ctx.recipe
+    task = DenoisingTask(pipe)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    stream = data.batches(recipe, batch_size=min(16, recipe.finetune.batch_size), resolution=size, seed=recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    inputs = [task.inputs(*next(stream), generator) for _ in range(recipe.prune.calibration_batches)]
+    return lambda unet: accumulate_taylor_gradients(unet, [lambda u, x=x: task.loss(u, x) for x in inputs])
+
+
+def _prune(ctx: StageContext) -> dict[str, Any]:
+    recipe = ctx.recipe
+    pipe = load_pipeline(recipe.model.source)
+    text_length = pipe.tokenizer.model_max_length
+    round_to = recipe.prune.round_to or get_profile(recipe.device).channel_multiple
+    result = prune_to_budget(
+        pipe.unet, recipe.budget, budget_measure(recipe, text_length=text_length),
+        unet_example_inputs(pipe.unet, batch=1, text_length=text_length), method=recipe.prune.method,
+        blocks=recipe.prune.blocks, importance=recipe.prune.importance, round_to=round_to, seed=recipe.seed,
+        calibrate=_taylor_calibration(ctx, pipe) if recipe.prune.importance == "taylor" else None,
+        progress=lambda done, total: ctx.progress("prune: budget search", done, total),
+    )
+    pipe.unet = result.unet
+    pipe.save_pretrained(ctx.folder, safe_serialization=True)
+    save_unet(result.unet, ctx.folder / "unet")
+    figures = unet_figures(result.unet, recipe, text_length=text_length)
+    return {
+        **figures,
+        "channel_ratio": round(result.ratio, 4),
+        "budget_metric": recipe.budget.metric,
+        "budget_target": result.target,
+        "budget_value": result.value,
+        "budget_relative_error": round(result.relative_error, 4),
+        "teacher_budget_value": result.teacher_value,
+        "trials": [{"ratio": round(r, 4), "value": v} for r, v in result.trials],
+        "teacher": ctx.previous["teacher"]["figures"],
+    }
+
+
+PRUNE = Stage(
+    name="prune",
+    folder="1-prune",
+    description="prune the UNet structurally to the device budget",
+    settings=lambda r: {"budget": r.budget.model_dump(), "prune": r.prune.model_dump(), "device": r.device,
+                        "data": r.data.model_dump() if r.prune.importance == "taylor" else None},
+    run=_prune,
+)
+
+STAGES: list[Stage] = [TEACHER, PRUNE]
 
 PLANNED: dict[str, str] = {
-    "prune": "structured pruning to the device budget",
     "finetune": "bilevel fine-tuning: distillation + concept unlearning",
     "export": "ONNX / Core ML export, quantization and parity checks",
     "bench": "latency, quality and safety report against the teacher",

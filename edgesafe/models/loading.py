@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError
 
 from ..errors import ModelLoadError
+from ..prune.structure import SPEC_NAME, load_unet
 from ..zoo import zoo_path
 
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -46,12 +48,16 @@ def _check_pipeline_folder(path: Path) -> None:
 
 def load_pipeline(source: str | Path, *, torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline from ``zoo:NAME`` or a local folder, offline, safetensors only."""
+    diffusers_logging.disable_progress_bar()
     path = resolve_source(source)
     _check_pipeline_folder(path)
     try:
+        extra = {}
+        if (path / "unet" / SPEC_NAME).is_file():  # a pruned UNet: rebuilt from its structure spec
+            extra["unet"] = load_unet(path / "unet", torch_dtype=torch_dtype)
         pipe = StableDiffusionPipeline.from_pretrained(
             path, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True,
-            safety_checker=None, requires_safety_checker=False,
+            safety_checker=None, requires_safety_checker=False, **extra,
         )
     except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -50,7 +50,7 @@ class Schedule:
     evaluator_batch: int = 128
     vae_steps: int = 2500
     vae_batch: int = 32
-    diffusion_steps: int = 2500
+    diffusion_steps: int = 4000
     diffusion_batch: int = 64
     checkpoint_every: int = 200
 

@@ -1,0 +1,89 @@
+"""Image-caption data for calibration and fine-tuning: the zoo world, an image folder, or JSONL.
+
+- ``zoo``: the named world's generator (``tiny-shapes``), seeded per batch;
+- ``folder``: images with a same-named ``.txt`` caption beside each;
+- ``jsonl``: one ``{"image": path, "text": caption}`` per line, paths relative to the file.
+
+With ``exclude_concepts`` every sample whose caption names an unwanted concept is dropped (the
+paper's setting: the fine-tuning data lacks the concepts the teacher knows).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import EdgesafeError
+from ..recipe import Recipe
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def _concept_words(recipe: Recipe) -> list[str]:
+    return [c.target.lower() for c in recipe.concepts]
+
+
+def _file_samples(recipe: Recipe) -> list[tuple[Path, str]]:
+    spec = recipe.data
+    path = Path(spec.path or "")
+    if spec.kind == "folder":
+        if not path.is_dir():
+            raise EdgesafeError(f"data.path: no such folder {path}")
+        samples = [(img, img.with_suffix(".txt").read_text().strip()) for img in sorted(path.iterdir())
+                   if img.suffix.lower() in IMAGE_SUFFIXES and img.with_suffix(".txt").is_file()]
+    elif spec.kind == "jsonl":
+        if not path.is_file():
+            raise EdgesafeError(f"data.path: no such file {path}")
+        samples = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                samples.append((path.parent / row["image"], str(row["text"])))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise EdgesafeError(f"{path}:{n}: expected {{\"image\": ..., \"text\": ...}}") from None
+    else:
+        raise EdgesafeError(f"data.kind {spec.kind!r} is not supported by this version")
+    if spec.exclude_concepts:
+        words = _concept_words(recipe)
+        samples = [(p, t) for p, t in samples if not any(w in t.lower() for w in words)]
+    if not samples:
+        raise EdgesafeError(f"data.path: {path} has no images with captions")
+    return samples
+
+
+def _load_image(path: Path, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+    except (OSError, UnidentifiedImageError):
+        raise EdgesafeError(f"{path}: not a readable image") from None
+    return np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1
+
+
+def batches(recipe: Recipe, *, batch_size: int, resolution: int, seed: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """An endless, seeded stream of (images in [-1, 1] (N,3,H,W), captions)."""
+    if recipe.data.kind == "zoo":
+        if recipe.data.name != "tiny-shapes":
+            raise EdgesafeError(f"data.name: unknown zoo world {recipe.data.name!r}")
+        from ..zoo.tiny_shapes import world
+
+        exclude = tuple(world.UNWANTED) if recipe.data.exclude_concepts else ()
+        step = 0
+        while True:
+            images, captions, _ = world.sample_batch(batch_size, np.random.default_rng([seed, 7, step]),
+                                                     exclude=exclude)
+            step += 1
+            yield torch.from_numpy(images), captions
+    samples = _file_samples(recipe)
+    rng = np.random.default_rng(seed)
+    while True:
+        picks = rng.integers(0, len(samples), size=batch_size)
+        images = np.stack([_load_image(samples[i][0], resolution) for i in picks])
+        yield torch.from_numpy(images), [samples[i][1] for i in picks]

@@ -1,0 +1,1 @@
+"""Fine-tuning objectives and the training loop."""

@@ -1,0 +1,124 @@
+"""Search the channel pruning ratio that puts a UNet on its budget (params, MACs or ms per step)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+
+from ..errors import BudgetError
+from ..recipe import Budget
+from .blocks import remove_blocks
+from .width import prune_width
+
+MAX_RATIO = 0.9
+MAX_TRIALS = 14
+
+
+def max_ratio(unet: UNet2DConditionModel) -> float:
+    """The largest channel ratio that leaves every GroupNorm group and every attention one channel/head."""
+    limits = [MAX_RATIO]
+    for m in unet.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            limits.append(1 - m.num_groups / m.num_channels)
+        if isinstance(m, Attention) and m.heads > 1:
+            limits.append(1 - 1 / m.heads)
+    return min(limits)
+
+Measure = Callable[[UNet2DConditionModel], float]
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    unet: UNet2DConditionModel
+    ratio: float
+    """Channel pruning ratio applied after block removal."""
+    value: float
+    target: float
+    teacher_value: float
+    trials: list[tuple[float, float]]
+    """(ratio, value) of every pruning tried, in order."""
+
+    @property
+    def relative_error(self) -> float:
+        return self.value / self.target - 1
+
+
+def target_value(budget: Budget, teacher_value: float) -> float:
+    if budget.metric == "latency" and budget.ms_per_step is not None:
+        return budget.ms_per_step
+    return float(budget.ratio) * teacher_value
+
+
+def prune_to_budget(
+    unet: UNet2DConditionModel,
+    budget: Budget,
+    measure: Measure,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    method: str = "width",
+    blocks: str | None = None,
+    importance: str = "magnitude",
+    round_to: int = 1,
+    seed: int = 0,
+    calibrate: Callable[[UNet2DConditionModel], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> BudgetResult:
+    """Prune ``unet`` until ``measure`` is within ``budget.tolerance`` of the target, by bisection on
+    the channel ratio (after BK-SDM block removal when the method asks for it). ``calibrate``
+    fills the gradients Taylor importance reads (see :func:`accumulate_taylor_gradients`).
+
+    An unreachable target raises :class:`BudgetError` naming the smallest reachable figure.
+    """
+    teacher_value = measure(unet)
+    target = target_value(budget, teacher_value)
+    base = remove_blocks(unet, blocks) if "blocks" in method and blocks else unet
+    use_width = "width" in method
+    if use_width and importance == "taylor":
+        if calibrate is None:
+            raise BudgetError("taylor importance needs calibration batches")
+        calibrate(base)
+    trials: list[tuple[float, float]] = []
+
+    def attempt(ratio: float) -> tuple[UNet2DConditionModel, float]:
+        student = prune_width(base, ratio, example_inputs, importance=importance, round_to=round_to, seed=seed)
+        value = measure(student)
+        trials.append((ratio, value))
+        if progress:
+            progress(len(trials), MAX_TRIALS)
+        return student, value
+
+    student, value = attempt(0.0)
+    if value <= target * (1 + budget.tolerance) or not use_width:
+        if value > target * (1 + budget.tolerance):
+            raise BudgetError(_unreachable(budget, value, teacher_value, "block removal alone"))
+        return BudgetResult(student, 0.0, value, target, teacher_value, trials)
+    lo, hi = 0.0, max_ratio(base)
+    smallest, smallest_value = attempt(hi)
+    if smallest_value > target * (1 + budget.tolerance):
+        raise BudgetError(_unreachable(budget, smallest_value, teacher_value, f"{hi:.0%} channel pruning"))
+    best = (smallest, hi, smallest_value)
+    while len(trials) < MAX_TRIALS:
+        mid = (lo + hi) / 2
+        student, value = attempt(mid)
+        if abs(value / target - 1) < abs(best[2] / target - 1):
+            best = (student, mid, value)
+        if abs(value / target - 1) <= budget.tolerance / 2:
+            break
+        lo, hi = (mid, hi) if value > target else (lo, mid)
+    student, ratio, value = best
+    if abs(value / target - 1) > budget.tolerance:
+        raise BudgetError(
+            f"budget {budget.metric}: no ratio within {budget.tolerance:.0%} of the target {target:.4g} "
+            f"(closest {value:.4g} at ratio {ratio:.3f}); the metric is too coarse or noisy at this size"
+        )
+    return BudgetResult(student, ratio, value, target, teacher_value, trials)
+
+
+def _unreachable(budget: Budget, smallest: float, teacher: float, how: str) -> str:
+    wanted = f"{budget.ms_per_step:g} ms" if budget.ms_per_step else f"{budget.ratio:g} x the teacher"
+    return (f"budget {budget.metric} {wanted} is unreachable: the smallest reachable is {smallest:.4g} "
+            f"({smallest / teacher:.1%} of the teacher's {teacher:.4g}) with {how}")

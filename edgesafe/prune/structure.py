@@ -1,0 +1,155 @@
+"""Pickle-free persistence of a structurally pruned UNet.
+
+A pruned UNet keeps its diffusers class and config, but its layers no longer match the config's
+widths, so ``from_pretrained`` cannot rebuild it. We save the weights as safetensors (the usual
+``save_pretrained`` folder) plus ``edgesafe_structure.json``: the layers whose shape differs from
+what the config builds (kept channels, GroupNorm groups, attention heads, removed blocks). Loading
+builds the config's UNet on the meta device, resizes those layers, then loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.upsampling import Upsample2D
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import ModelLoadError
+from ..io import write_json
+
+SPEC_NAME = "edgesafe_structure.json"
+FORMAT = 1
+
+
+def _describe(module: nn.Module) -> dict[str, Any] | None:
+    if isinstance(module, nn.Conv2d):
+        return {"type": "Conv2d", "in": module.in_channels, "out": module.out_channels}
+    if isinstance(module, nn.Linear):
+        return {"type": "Linear", "in": module.in_features, "out": module.out_features}
+    if isinstance(module, nn.GroupNorm):
+        return {"type": "GroupNorm", "groups": module.num_groups, "channels": module.num_channels}
+    if isinstance(module, nn.LayerNorm):
+        return {"type": "LayerNorm", "shape": list(module.normalized_shape)}
+    if isinstance(module, Attention):
+        return {"type": "Attention", "heads": module.heads}
+    if isinstance(module, Downsample2D | Upsample2D):
+        return {"type": type(module).__name__, "channels": module.channels, "out": module.out_channels}
+    return None
+
+
+def _layers(unet: nn.Module) -> dict[str, dict[str, Any]]:
+    return {name: d for name, m in unet.named_modules() if (d := _describe(m)) is not None}
+
+
+def structure_spec(unet: UNet2DConditionModel) -> dict[str, Any]:
+    """The layers of ``unet`` that differ from a fresh build of its config, and the ones removed."""
+    with torch.device("meta"):
+        fresh = UNet2DConditionModel.from_config(unet.config)
+    now, base = _layers(unet), _layers(fresh)
+    return {
+        "format": FORMAT,
+        "layers": {name: d for name, d in now.items() if base.get(name) != d},
+        "removed": sorted(_removed_blocks(fresh, unet)),
+    }
+
+
+def _removed_blocks(fresh: nn.Module, unet: nn.Module) -> list[str]:
+    """Dotted names of sub-modules of ``fresh`` that ``unet`` no longer has (BK-SDM block removal)."""
+    have = {name for name, _ in unet.named_modules()}
+    gone = [name for name, _ in fresh.named_modules() if name and name not in have]
+    return [n for n in gone if n.rpartition(".")[0] in have]
+
+
+def _resize(module: nn.Module, d: dict[str, Any]) -> nn.Module:
+    kind = d["type"]
+    if kind == "Conv2d":
+        m: nn.Conv2d = module
+        return nn.Conv2d(d["in"], d["out"], m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                         m.bias is not None, m.padding_mode)
+    if kind == "Linear":
+        return nn.Linear(d["in"], d["out"], bias=module.bias is not None)
+    if kind == "GroupNorm":
+        return nn.GroupNorm(d["groups"], d["channels"], module.eps, module.affine)
+    if kind == "LayerNorm":
+        return nn.LayerNorm(d["shape"], module.eps, module.elementwise_affine, bias=module.bias is not None)
+    if kind == "Attention":
+        module.heads = d["heads"]
+        return module
+    if kind in ("Downsample2D", "Upsample2D"):
+        module.channels, module.out_channels = d["channels"], d["out"]
+        return module
+    raise ModelLoadError(f"unknown layer type {kind!r} in {SPEC_NAME}")
+
+
+def _set(root: nn.Module, dotted: str, new: nn.Module | None) -> None:
+    parent_name, _, leaf = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if new is None:
+        if isinstance(parent, nn.ModuleList):
+            del parent[int(leaf)]
+        else:
+            setattr(parent, leaf, None)
+    elif isinstance(parent, nn.ModuleList):
+        parent[int(leaf)] = new
+    else:
+        setattr(parent, leaf, new)
+
+
+def _natural(name: str) -> list[Any]:
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
+
+
+def apply_structure(config: dict[str, Any], spec: dict[str, Any]) -> UNet2DConditionModel:
+    """An empty (meta-device) UNet of ``config`` reshaped by ``spec``."""
+    if spec.get("format") != FORMAT:
+        raise ModelLoadError(f"{SPEC_NAME}: unsupported format {spec.get('format')!r} (expected {FORMAT})")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        # deeper names first, so deleting list items does not shift the ones still to delete
+        for name in sorted(spec.get("removed", []), key=_natural, reverse=True):
+            _set(unet, name, None)
+        for name, d in spec["layers"].items():
+            try:
+                module = unet.get_submodule(name)
+            except AttributeError:
+                raise ModelLoadError(f"{SPEC_NAME}: layer {name!r} does not exist in this UNet") from None
+            replacement = _resize(module, d)
+            if replacement is not module:
+                _set(unet, name, replacement)
+    return unet
+
+
+def save_unet(unet: UNet2DConditionModel, folder: Path) -> None:
+    """``save_pretrained`` (safetensors) plus the structure spec; loadable with :func:`load_unet`."""
+    unet.save_pretrained(folder, safe_serialization=True)
+    write_json(folder / SPEC_NAME, structure_spec(unet))
+
+
+def load_unet(folder: Path, *, torch_dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """Load a UNet folder, pruned (with a structure spec) or not."""
+    folder = Path(folder)
+    spec_path = folder / SPEC_NAME
+    if not spec_path.is_file():
+        return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
+    try:
+        spec = json.loads(spec_path.read_text())
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{folder}: unreadable structure or config ({exc})") from None
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    unet = apply_structure(config, spec).to_empty(device="cpu")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    try:
+        state = load_file(str(weights))
+        unet.load_state_dict(state, strict=True)
+    except (OSError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelLoadError(f"{weights}: does not match {SPEC_NAME} ({first})") from None
+    return (unet if torch_dtype == torch.float32 else unet.to(torch_dtype)).eval()

@@ -1,0 +1,118 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.activations import GEGLU
+from diffusers.models.attention_processor import Attention
+
+from edgesafe.errors import BudgetError
+from edgesafe.models.architectures import UNET_CONFIGS
+from edgesafe.models.stats import count_macs, count_params, unet_example_inputs
+from edgesafe.prune import accumulate_taylor_gradients, load_unet, prune_to_budget, prune_width, save_unet
+from edgesafe.prune.blocks import bk_sdm_param_count, remove_blocks
+from edgesafe.prune.structure import SPEC_NAME
+from edgesafe.recipe import Budget
+from edgesafe.zoo.tiny_shapes.build import make_unet
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return make_unet().eval()
+
+
+@pytest.fixture(scope="module")
+def inputs(unet):
+    return unet_example_inputs(unet, batch=1, text_length=16)
+
+
+def _taylor(unet, inputs):
+    accumulate_taylor_gradients(unet, [lambda u: u(*inputs).sample.pow(2).mean()])
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor", "random"])
+def test_width_pruning_keeps_a_working_unet(unet, inputs, importance):
+    if importance == "taylor":
+        _taylor(unet, inputs)
+    student = prune_width(unet, 0.5, inputs, importance=importance, round_to=8)
+    unet.zero_grad(set_to_none=True)
+    assert 0.2 < count_params(student) / count_params(unet) < 0.3  # width^2
+    out = student(*inputs).sample
+    assert out.shape == unet(*inputs).sample.shape and torch.isfinite(out).all()
+    assert student.conv_out.out_channels == unet.conv_out.out_channels
+    for (name, a), (_, b) in zip(unet.named_modules(), student.named_modules(), strict=True):
+        if isinstance(a, Attention):
+            assert b.heads == a.heads // 2, name  # whole heads removed, head dim kept
+            assert b.to_q.out_features // b.heads == a.to_q.out_features // a.heads
+            if a.is_cross_attention:
+                assert b.to_k.in_features == a.to_k.in_features  # still reads the text encoder
+        if isinstance(a, GEGLU):
+            assert b.proj.out_features == a.proj.out_features // 2  # both halves lost the same share
+        if isinstance(b, torch.nn.Conv2d) and name != "conv_out":
+            assert b.out_channels % 8 == 0, name
+
+
+def test_importances_choose_differently(unet, inputs):
+    magnitude = prune_width(unet, 0.5, inputs, importance="magnitude")
+    random = prune_width(unet, 0.5, inputs, importance="random", seed=1)
+    assert not torch.equal(magnitude.conv_in.weight, random.conv_in.weight)
+    again = prune_width(unet, 0.5, inputs, importance="random", seed=1)
+    assert torch.equal(random.conv_in.weight, again.conv_in.weight)
+
+
+def test_taylor_needs_gradients(unet, inputs):
+    unet.zero_grad(set_to_none=True)
+    with pytest.raises(BudgetError, match="needs gradients"):
+        prune_width(unet, 0.5, inputs, importance="taylor")
+
+
+def test_save_load_round_trip_without_pickle(unet, inputs, tmp_path):
+    student = prune_width(unet, 0.5, inputs)
+    save_unet(student, tmp_path)
+    assert (tmp_path / SPEC_NAME).is_file() and not list(tmp_path.glob("*.bin"))
+    again = load_unet(tmp_path)
+    assert torch.equal(again(*inputs).sample, student(*inputs).sample)
+
+
+def test_corrupt_structure_is_a_clear_error(unet, inputs, tmp_path):
+    from edgesafe.errors import ModelLoadError
+
+    save_unet(prune_width(unet, 0.5, inputs), tmp_path)
+    other = tmp_path / "other"
+    save_unet(prune_width(unet, 0.25, inputs), other)
+    (tmp_path / "diffusion_pytorch_model.safetensors").replace(other / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelLoadError, match="does not match"):
+        load_unet(other)
+
+
+# This UNet's GroupNorms have 4 channels per group at 64 channels, so widths move in quarter steps:
+# params reach 0.51 and MACs 0.26 of the teacher on those steps.
+@pytest.mark.parametrize(("metric", "ratio", "measure"), [
+    ("params", 0.5, count_params),
+    ("macs", 0.26, lambda u: float(count_macs(u, batch=2, text_length=16))),
+])
+def test_budget_search_hits_the_target(unet, inputs, metric, ratio, measure):
+    result = prune_to_budget(unet, Budget(metric=metric, ratio=ratio), measure, inputs)
+    assert abs(result.relative_error) <= 0.05
+    assert measure(result.unet) == pytest.approx(result.value)
+
+
+def test_unreachable_budget_names_the_smallest(unet, inputs):
+    with pytest.raises(BudgetError, match=r"unreachable: the smallest reachable is .* of the teacher"):
+        prune_to_budget(unet, Budget(metric="params", ratio=0.01), count_params, inputs)
+
+
+def test_bk_sdm_sizes_on_the_sd15_architecture():
+    published = {"base": 0.58e9, "small": 0.49e9, "tiny": 0.33e9}
+    for variant, size in published.items():
+        assert abs(bk_sdm_param_count(UNET_CONFIGS["sd-1.5"], variant) / size - 1) <= 0.021, variant
+
+
+@pytest.mark.parametrize("variant", ["base", "small", "tiny"])
+def test_block_removal_loads_with_plain_from_pretrained(unet, inputs, variant, tmp_path):
+    student = remove_blocks(unet, variant)
+    assert count_params(student) < count_params(unet) or variant == "base"  # base is a no-op at 1 layer/stage
+    student.save_pretrained(tmp_path, safe_serialization=True)
+    plain = UNet2DConditionModel.from_pretrained(tmp_path)
+    assert torch.equal(plain(*inputs).sample, student(*inputs).sample)
+    if variant != "tiny":  # every kept block carries the teacher's weights
+        assert torch.equal(student.conv_in.weight, unet.conv_in.weight)
