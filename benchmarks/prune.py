@@ -33,14 +33,15 @@ RATIOS = (0.25, 0.5, 0.75)
 def sweep(name: str, unet, *, text_length: int, latency_batch: int, repeats: int, latency: bool) -> dict:
     inputs = unet_example_inputs(unet, batch=1, text_length=text_length)
     p0, m0 = count_params(unet), count_macs(unet, batch=latency_batch, text_length=text_length)
-    ms0 = measure_unet_ms(unet, batch=latency_batch, text_length=text_length, repeats=repeats) if latency else None
+    timing = dict(batch=latency_batch, text_length=text_length, repeats=repeats, warmup=min(3, repeats))
+    ms0 = measure_unet_ms(unet, **timing) if latency else None
     rows = []
     for ratio in RATIOS:
         student = prune_width(unet, ratio, inputs)
         row = {"channel_ratio": ratio, "params_ratio": count_params(student) / p0,
                "macs_ratio": count_macs(student, batch=latency_batch, text_length=text_length) / m0}
         if latency:
-            ms = measure_unet_ms(student, batch=latency_batch, text_length=text_length, repeats=repeats)
+            ms = measure_unet_ms(student, **timing)
             row |= {"ms": ms, "latency_ratio": ms / ms0,
                     "latency_efficiency": (1 - ms / ms0) / (1 - row["macs_ratio"])}
         rows.append(row)
@@ -79,7 +80,7 @@ def main() -> None:
     prune_seconds = time.perf_counter() - t1
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     del half
-    models["sd-1.5"] = sweep("sd-1.5", sd15, text_length=TEXT_LENGTH["sd-1.5"], latency_batch=2, repeats=3,
+    models["sd-1.5"] = sweep("sd-1.5", sd15, text_length=TEXT_LENGTH["sd-1.5"], latency_batch=2, repeats=2,
                              latency=not args.skip_sd15_latency)
     efficiencies = [r["latency_efficiency"] for m in models.values() for r in m["ratios"] if "latency_efficiency" in r]
     result = {

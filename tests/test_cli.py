@@ -5,8 +5,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from edgesafe import __version__
+from edgesafe import __version__, load_pipeline
 from edgesafe.cli import app
+from edgesafe.models.stats import count_params
 
 from .conftest import RECIPES, ROOT
 
@@ -93,16 +94,24 @@ def test_check_exit_codes(tmp_path):
     assert failed.returncode == 1 and "1 of 1 gates failed" in failed.stderr
 
 
-def test_compress_runs_the_teacher_stage_and_resumes(tmp_path, short_pipeline_dir):
+def test_compress_runs_the_stages_and_resumes(tmp_path, short_pipeline_dir):
     run_dir = tmp_path / "run"
     args = ["--log-json", "compress", "--recipe", TINY, "--model", str(short_pipeline_dir), "--out", str(run_dir)]
     first = cli(*args)
     assert first.returncode == 0, first.stderr
-    manifest = json.loads((run_dir / "0-teacher" / "stage.json").read_text())
-    figures = manifest["figures"]
-    assert figures["unet_params"] > 1_000_000 and figures["unet_macs_per_step"] == 2 * figures["unet_macs"]
-    assert figures["ms_per_step"] > 0 and figures["ms_per_step_source"].startswith("measured")
+    teacher = json.loads((run_dir / "0-teacher" / "stage.json").read_text())["figures"]
+    assert teacher["unet_params"] > 1_000_000 and teacher["unet_macs_per_step"] == 2 * teacher["unet_macs"]
+    assert teacher["ms_per_step"] > 0 and teacher["ms_per_step_source"].startswith("measured")
+    pruned = json.loads((run_dir / "1-prune" / "stage.json").read_text())["figures"]
+    assert abs(pruned["unet_params"] / teacher["unet_params"] - 0.5) <= 0.5 * 0.05
+    assert abs(pruned["budget_relative_error"]) <= 0.05
     assert (run_dir / "recipe.yaml").is_file()
+
+    pipe = load_pipeline(run_dir / "1-prune")  # rebuilt from the structure spec, no pickle
+    assert count_params(pipe.unet) == pruned["unet_params"]
+    image = pipe("a red circle on a plain background", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+
     again = cli(*args, "--resume")
-    stage = [json.loads(ln) for ln in again.stdout.splitlines() if '"stage"' in ln][0]
-    assert stage["status"] == "skipped"
+    statuses = {e["stage"]: e["status"] for e in map(json.loads, again.stdout.splitlines()) if e["event"] == "stage"}
+    assert statuses == {"teacher": "skipped", "prune": "skipped"}

@@ -27,9 +27,10 @@ def export_unet_onnx(unet: UNet2DConditionModel, path: Path, *, batch: int, text
 
 
 def measure_unet_ms(
-    unet: UNet2DConditionModel, *, batch: int = 2, text_length: int = 77, repeats: int = 20, threads: int = 0
+    unet: UNet2DConditionModel, *, batch: int = 2, text_length: int = 77, repeats: int = 20, warmup: int = 3,
+    threads: int = 0,
 ) -> float:
-    """Median ms of one UNet call in onnxruntime (CPU), after warm-up runs."""
+    """Median ms of one UNet call in onnxruntime (CPU), after ``warmup`` runs."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "unet.onnx"
         export_unet_onnx(unet, path, batch=batch, text_length=text_length)
@@ -38,7 +39,7 @@ def measure_unet_ms(
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         sample, t, hidden = unet_example_inputs(unet, batch=batch, text_length=text_length)
         feed = {"sample": sample.numpy(), "timestep": t.numpy(), "encoder_hidden_states": hidden.numpy()}
-        for _ in range(3):
+        for _ in range(warmup):
             session.run(None, feed)
         times = []
         for _ in range(repeats):
