@@ -116,3 +116,16 @@ def test_block_removal_loads_with_plain_from_pretrained(unet, inputs, variant, t
     assert torch.equal(plain(*inputs).sample, student(*inputs).sample)
     if variant != "tiny":  # every kept block carries the teacher's weights
         assert torch.equal(student.conv_in.weight, unet.conv_in.weight)
+
+
+def test_kept_channels_name_the_teacher_channels_each_block_output_kept(unet, inputs, tmp_path):
+    from edgesafe.prune.width import KEPT_ATTR, block_output_layers
+
+    student = prune_width(unet, 0.5, inputs)
+    kept = getattr(student, KEPT_ATTR)
+    assert set(kept) == set(block_output_layers(unet))
+    for point, layer in block_output_layers(unet).items():
+        teacher_bias, student_bias = unet.get_submodule(layer).bias, student.get_submodule(layer).bias
+        assert torch.equal(teacher_bias[kept[point]], student_bias), point
+    save_unet(student, tmp_path)
+    assert getattr(load_unet(tmp_path), KEPT_ATTR) == kept

@@ -3,7 +3,8 @@
 A pruned UNet keeps its diffusers class and config, but its layers no longer match the config's
 widths, so ``from_pretrained`` cannot rebuild it. We save the weights as safetensors (the usual
 ``save_pretrained`` folder) plus ``edgesafe_structure.json``: the layers whose shape differs from
-what the config builds (kept channels, GroupNorm groups, attention heads, removed blocks). Loading
+what the config builds (channel counts, GroupNorm groups, attention heads), removed blocks, and
+which teacher channels each block output kept (for feature distillation). Loading
 builds the config's UNet on the meta device, resizes those layers, then loads the weights strictly.
 """
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..io import write_json
+from .width import KEPT_ATTR
 
 SPEC_NAME = "edgesafe_structure.json"
 FORMAT = 1
@@ -57,6 +59,7 @@ def structure_spec(unet: UNet2DConditionModel) -> dict[str, Any]:
         "format": FORMAT,
         "layers": {name: d for name, d in now.items() if base.get(name) != d},
         "removed": sorted(_removed_blocks(fresh, unet)),
+        "kept_channels": getattr(unet, KEPT_ATTR, {}),
     }
 
 
@@ -152,4 +155,5 @@ def load_unet(folder: Path, *, torch_dtype: torch.dtype = torch.float32) -> UNet
     except (OSError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelLoadError(f"{weights}: does not match {SPEC_NAME} ({first})") from None
+    setattr(unet, KEPT_ATTR, spec.get("kept_channels", {}))
     return (unet if torch_dtype == torch.float32 else unet.to(torch_dtype)).eval()

@@ -40,6 +40,27 @@ IMPORTANCE: dict[str, Callable[[], tp.importance.Importance]] = {
 
 LossFn = Callable[[UNet2DConditionModel], torch.Tensor]
 
+KEPT_ATTR = "edgesafe_kept_channels"
+"""Attribute of a width-pruned UNet: for each block output, the teacher's channels it kept."""
+
+
+def block_output_layers(unet: UNet2DConditionModel) -> dict[str, str]:
+    """For each block (``down_blocks.i``, ``mid_block``, ``up_blocks.i``), the convolution whose output
+    channels are the block's output channels (its resampler, else its last ResNet's ``conv2``)."""
+    blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    if unet.mid_block is not None:
+        blocks.append(("mid_block", unet.mid_block))
+    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    layers = {}
+    for name, block in blocks:
+        if getattr(block, "downsamplers", None):
+            layers[name] = f"{name}.downsamplers.0.conv"
+        elif getattr(block, "upsamplers", None):
+            layers[name] = f"{name}.upsamplers.0.conv"
+        else:
+            layers[name] = f"{name}.resnets.{len(block.resnets) - 1}.conv2"
+    return layers
+
 
 def _rounded_ratio(n: int, ratio: float, multiple: int) -> float:
     """The ratio closest to ``ratio`` that leaves a multiple of ``multiple`` out of ``n`` (at least one)."""
@@ -94,7 +115,16 @@ def prune_width(
         ignored_layers=[student.conv_out], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
         head_pruning_ratio=ratio, out_channel_groups=groups, forward_fn=lambda m, x: m(*x).sample,
     )
-    pruner.step()
+    watch = {student.get_submodule(layer): point for point, layer in block_output_layers(student).items()}
+    kept = {point: list(getattr(unet, KEPT_ATTR, {}).get(point, range(m.out_channels))) for m, point in watch.items()}
+    for group in pruner.step(interactive=True):
+        for dep, idxs in group:
+            point = watch.get(dep.target.module)
+            if point is not None and pruner.DG.is_out_channel_pruning_fn(dep.handler):
+                drop = {int(i) for i in idxs}
+                kept[point] = [c for j, c in enumerate(kept[point]) if j not in drop]
+        group.prune()
+    setattr(student, KEPT_ATTR, kept)
     for m in student.modules():
         if isinstance(m, Attention):
             m.heads = pruner.num_heads[m.to_q]
