@@ -1,0 +1,73 @@
+"""Upper-level objectives: unlearning one concept, by name in ``OBJECTIVES`` (the recipe's ``objective``).
+
+Each objective regresses the student's prediction for a concept prompt onto a target built from
+the frozen teacher on the same noisy latents:
+
+- ``esd`` (Gandikota et al., 2023): negative guidance away from the concept,
+  target = eps_T(x, t, "") - eta * (eps_T(x, t, concept) - eps_T(x, t, ""));
+- ``ablation`` (Kumari et al., 2023): the teacher's prediction for the anchor prompt (the concept's
+  target words replaced by its anchor), target = eps_T(x, t, anchor).
+
+``parameters`` selects what the upper level may change: ``xattn`` (cross-attention only, for
+styles), ``noxattn`` (everything else, for objects and NSFW) or ``full``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from ..recipe import Concept
+
+Encode = Callable[[list[str]], torch.Tensor]
+Target = Callable[[UNet2DConditionModel, torch.Tensor, torch.Tensor, Concept, list[str], Encode], torch.Tensor]
+
+
+def _predict(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    return unet(x, t, states).sample
+
+
+@torch.no_grad()
+def esd_target(teacher, x, t, concept: Concept, prompts: list[str], encode: Encode) -> torch.Tensor:
+    cond = _predict(teacher, x, t, encode(prompts))
+    uncond = _predict(teacher, x, t, encode([""] * len(prompts)))
+    return uncond - concept.eta * (cond - uncond)
+
+
+def anchor_prompts(concept: Concept, prompts: list[str]) -> list[str]:
+    pattern = re.compile(re.escape(concept.target), re.IGNORECASE)
+    return [pattern.sub(concept.anchor or "", p) for p in prompts]
+
+
+@torch.no_grad()
+def ablation_target(teacher, x, t, concept: Concept, prompts: list[str], encode: Encode) -> torch.Tensor:
+    return _predict(teacher, x, t, encode(anchor_prompts(concept, prompts)))
+
+
+OBJECTIVES: dict[str, Target] = {"esd": esd_target, "ablation": ablation_target}
+
+
+def unlearning_loss(
+    student: UNet2DConditionModel, teacher: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
+    concept: Concept, prompts: list[str], encode: Encode,
+) -> torch.Tensor:
+    """MSE between the student's prediction for the concept prompts and the objective's target."""
+    target = OBJECTIVES[concept.objective](teacher, x, t, concept, prompts, encode)
+    return nn.functional.mse_loss(_predict(student, x, t, encode(prompts)), target)
+
+
+def parameter_subset(unet: UNet2DConditionModel, which: str) -> list[nn.Parameter]:
+    """The parameters the upper level may update: ``xattn``, ``noxattn`` or ``full``."""
+    if which == "full":
+        return list(unet.parameters())
+    xattn = [(n, p) for n, p in unet.named_parameters() if ".attn2." in n]
+    if which == "xattn":
+        return [p for _, p in xattn]
+    if which == "noxattn":
+        names = {n for n, _ in xattn}
+        return [p for n, p in unet.named_parameters() if n not in names]
+    raise ValueError(f"unknown parameter subset {which!r}")
