@@ -188,10 +188,10 @@ def prune(recipe: RecipeOpt, model: ModelOpt = None, out_dir: OutOpt = None, res
 
 
 @app.command()
-def finetune(recipe: RecipeOpt) -> None:
-    """Fine-tune the pruned UNet (distillation + concept unlearning)."""
-    _load(recipe, None, None)
-    _not_available("finetune")
+def finetune(recipe: RecipeOpt, model: ModelOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
+             sets: SetOpt = None) -> None:
+    """Fine-tune the pruned UNet: distillation + concept unlearning (runs earlier stages as needed)."""
+    _run(recipe, model, out_dir, resume, sets, until="finetune")
 
 
 @app.command(name="export")

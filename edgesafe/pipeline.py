@@ -2,7 +2,7 @@
 
 Each stage is a :class:`~edgesafe.runs.Stage`: the settings it depends on, the hashes of what it
 reads, and a function that does the work and returns figures for its manifest. ``STAGES`` lists
-them in order; stages that a later version adds (finetune, export, bench) are in
+them in order; stages that a later version adds (export, bench) are in
 ``PLANNED`` until they exist, so a plan shows them and a run says they are not available yet.
 """
 
@@ -17,7 +17,9 @@ from diffusers import UNet2DConditionModel
 from . import data
 from .bench.latency import measure_unet_ms
 from .devices import get_profile
+from .finetune.curves import save_curves
 from .finetune.losses import DenoisingTask
+from .finetune.trainer import Trainer
 from .models.loading import load_pipeline, resolve_source
 from .models.stats import count_macs, count_params, param_bytes, unet_example_inputs
 from .prune import accumulate_taylor_gradients, prune_to_budget, save_unet
@@ -78,9 +80,9 @@ def _taylor_calibration(ctx: StageContext, pipe) -> Callable[[UNet2DConditionMod
     recipe = ctx.recipe
     task = DenoisingTask(pipe)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    stream = data.batches(recipe, batch_size=min(16, recipe.finetune.batch_size), resolution=size, seed=recipe.seed)
+    batches = data.Batches(recipe, batch_size=min(16, recipe.finetune.batch_size), resolution=size, seed=recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
-    inputs = [task.inputs(*next(stream), generator) for _ in range(recipe.prune.calibration_batches)]
+    inputs = [task.inputs(*batches(step), generator) for step in range(recipe.prune.calibration_batches)]
     return lambda unet: accumulate_taylor_gradients(unet, [lambda u, x=x: task.loss(u, x) for x in inputs])
 
 
@@ -122,10 +124,36 @@ PRUNE = Stage(
     run=_prune,
 )
 
-STAGES: list[Stage] = [TEACHER, PRUNE]
+def _finetune(ctx: StageContext) -> dict[str, Any]:
+    recipe = ctx.recipe
+    teacher = load_pipeline(recipe.model.source)
+    student = load_pipeline(ctx.run.root / PRUNE.folder)
+    trainer = Trainer(teacher, student.unet, recipe, ctx.folder)
+    result = trainer.run(resume=ctx.resume, checkpoint_every=recipe.finetune.checkpoint_every,
+                         progress=lambda done, total: ctx.progress(f"finetune ({recipe.finetune.solver})", done, total))
+    student.unet = result.student
+    student.save_pretrained(ctx.folder / "final", safe_serialization=True)
+    save_unet(result.student, ctx.folder / "final" / "unet")
+    save_curves(result.curves, ctx.folder)
+    tail = result.curves[-10:]
+    last = {k: sum(r[k] for r in tail if k in r) / max(1, sum(k in r for r in tail))
+            for k in sorted({k for r in tail for k in r if k != "step"})}
+    return {"solver": recipe.finetune.solver, "steps": result.steps, "resumed_from": result.resumed_from,
+            "sec_per_step": round(result.seconds_per_step, 4), "final_losses": last}
+
+
+FINETUNE = Stage(
+    name="finetune",
+    folder="2-finetune",
+    description="fine-tune the pruned UNet: distillation (lower level) + concept unlearning (upper level)",
+    settings=lambda r: {"finetune": r.finetune.model_dump(), "concepts": [c.model_dump() for c in r.concepts],
+                        "data": r.data.model_dump()},
+    run=_finetune,
+)
+
+STAGES: list[Stage] = [TEACHER, PRUNE, FINETUNE]
 
 PLANNED: dict[str, str] = {
-    "finetune": "bilevel fine-tuning: distillation + concept unlearning",
     "export": "ONNX / Core ML export, quantization and parity checks",
     "bench": "latency, quality and safety report against the teacher",
 }

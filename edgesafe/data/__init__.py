@@ -11,7 +11,6 @@ paper's setting: the fine-tuning data lacks the concepts the teacher knows).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,23 +66,28 @@ def _load_image(path: Path, size: int) -> np.ndarray:
     return np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1
 
 
-def batches(recipe: Recipe, *, batch_size: int, resolution: int, seed: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """An endless, seeded stream of (images in [-1, 1] (N,3,H,W), captions)."""
-    if recipe.data.kind == "zoo":
-        if recipe.data.name != "tiny-shapes":
-            raise EdgesafeError(f"data.name: unknown zoo world {recipe.data.name!r}")
-        from ..zoo.tiny_shapes import world
+class Batches:
+    """Seeded image-caption batches: batch ``step`` is the same whenever it is drawn (so a resumed
+    run sees the data an uninterrupted one would)."""
 
-        exclude = tuple(world.UNWANTED) if recipe.data.exclude_concepts else ()
-        step = 0
-        while True:
-            images, captions, _ = world.sample_batch(batch_size, np.random.default_rng([seed, 7, step]),
-                                                     exclude=exclude)
-            step += 1
-            yield torch.from_numpy(images), captions
-    samples = _file_samples(recipe)
-    rng = np.random.default_rng(seed)
-    while True:
-        picks = rng.integers(0, len(samples), size=batch_size)
-        images = np.stack([_load_image(samples[i][0], resolution) for i in picks])
-        yield torch.from_numpy(images), [samples[i][1] for i in picks]
+    def __init__(self, recipe: Recipe, *, batch_size: int, resolution: int, seed: int):
+        self.recipe, self.batch_size, self.resolution, self.seed = recipe, batch_size, resolution, seed
+        if recipe.data.kind == "zoo":
+            if recipe.data.name != "tiny-shapes":
+                raise EdgesafeError(f"data.name: unknown zoo world {recipe.data.name!r}")
+            self.samples = None
+        else:
+            self.samples = _file_samples(recipe)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        """Images in [-1, 1] (N,3,H,W) and their captions."""
+        rng = np.random.default_rng([self.seed, 7, step])
+        if self.samples is None:
+            from ..zoo.tiny_shapes import world
+
+            exclude = tuple(world.UNWANTED) if self.recipe.data.exclude_concepts else ()
+            images, captions, _ = world.sample_batch(self.batch_size, rng, exclude=exclude)
+            return torch.from_numpy(images), captions
+        picks = rng.integers(0, len(self.samples), size=self.batch_size)
+        images = np.stack([_load_image(self.samples[i][0], self.resolution) for i in picks])
+        return torch.from_numpy(images), [self.samples[i][1] for i in picks]

@@ -1,0 +1,128 @@
+"""Solvers: how one training step combines the lower level (L_ft) and the upper level (unlearning).
+
+Registry ``SOLVERS`` keyed by the recipe's ``finetune.solver``:
+
+- ``kd``: the lower level only (distillation + denoising), the baseline that carries concepts over;
+- ``two-stage``: ``kd`` for every lower step, then erase steps with the upper objective alone;
+- ``bilevel-penalty`` (Shirkavand et al., CVPR 2025): min_theta max_phi L_un(theta) +
+  lambda * (L_ft(theta) - L_ft(phi)); phi, a copy of the student, takes K steps on L_ft per outer
+  step (it tracks min L_ft, so the penalty is theta's distillation gap), then theta descends the
+  penalised objective, the unlearning gradient reaching only the concept's parameter subset;
+- ``bilevel-alternating`` (the authors' released variant): one model, a lower step every
+  iteration and an upper step every N iterations, each with its own optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Loss = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass
+class StepLosses:
+    """What a step needs: L_ft of a model on this step's batch, and the unlearning loss of a model."""
+
+    lower: Loss
+    upper: Loss | None
+
+
+@dataclass
+class Solver:
+    """State and update rule of one solver; ``step`` returns the figures logged for the curves."""
+
+    student: nn.Module
+    upper_params: list[nn.Parameter]
+    lower_opt: torch.optim.Optimizer
+    upper_opt: torch.optim.Optimizer | None = None
+    phi: nn.Module | None = None
+    phi_opt: torch.optim.Optimizer | None = None
+    penalty_lambda: float = 1.0
+    inner_steps: int = 1
+    upper_every: int = 1
+    lower_steps: int = 0
+
+    def step(self, i: int, losses: StepLosses) -> dict[str, float]:
+        raise NotImplementedError
+
+    def total_steps(self) -> int:
+        return self.lower_steps
+
+    def _descend(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+class KD(Solver):
+    def step(self, i: int, losses: StepLosses) -> dict[str, float]:
+        loss = losses.lower(self.student)
+        self._descend(self.lower_opt, loss)
+        return {"lower": loss.item()}
+
+
+class TwoStage(Solver):
+    """Lower steps first; then as many erase steps as bilevel takes upper steps."""
+
+    def total_steps(self) -> int:
+        return self.lower_steps + self.lower_steps // self.upper_every
+
+    def step(self, i: int, losses: StepLosses) -> dict[str, float]:
+        if i < self.lower_steps:
+            loss = losses.lower(self.student)
+            self._descend(self.lower_opt, loss)
+            return {"lower": loss.item()}
+        assert losses.upper is not None and self.upper_opt is not None
+        loss = losses.upper(self.student)
+        self._descend(self.upper_opt, loss)
+        return {"upper": loss.item()}
+
+
+class BilevelPenalty(Solver):
+    def step(self, i: int, losses: StepLosses) -> dict[str, float]:
+        assert self.phi is not None and self.phi_opt is not None and losses.upper is not None
+        for _ in range(self.inner_steps):  # phi approaches argmin L_ft, warm-started
+            self._descend(self.phi_opt, losses.lower(self.phi))
+        with torch.no_grad():
+            phi_value = losses.lower(self.phi)
+        lower = losses.lower(self.student)
+        upper = losses.upper(self.student)
+        params = [p for group in self.lower_opt.param_groups for p in group["params"]]
+        g_lower = torch.autograd.grad(self.penalty_lambda * lower, params, allow_unused=True)
+        g_upper = dict(zip(map(id, self.upper_params),
+                           torch.autograd.grad(upper, self.upper_params, allow_unused=True), strict=True))
+        self.lower_opt.zero_grad(set_to_none=True)
+        for p, g in zip(params, g_lower, strict=True):
+            gu = g_upper.get(id(p))
+            p.grad = (g if g is not None else torch.zeros_like(p)) + (gu if gu is not None else 0)
+        self.lower_opt.step()
+        gap = lower.item() - phi_value.item()
+        return {"lower": lower.item(), "upper": upper.item(), "phi_lower": phi_value.item(), "gap": gap,
+                "objective": upper.item() + self.penalty_lambda * gap}
+
+
+class BilevelAlternating(Solver):
+    def step(self, i: int, losses: StepLosses) -> dict[str, float]:
+        lower = losses.lower(self.student)
+        self._descend(self.lower_opt, lower)
+        figures = {"lower": lower.item()}
+        if (i + 1) % self.upper_every == 0:
+            assert losses.upper is not None and self.upper_opt is not None
+            upper = losses.upper(self.student)
+            self._descend(self.upper_opt, upper)
+            figures["upper"] = upper.item()
+        return figures
+
+
+SOLVERS: dict[str, type[Solver]] = {
+    "kd": KD,
+    "two-stage": TwoStage,
+    "bilevel-penalty": BilevelPenalty,
+    "bilevel-alternating": BilevelAlternating,
+}
+
+NEEDS_UPPER = {"two-stage", "bilevel-penalty", "bilevel-alternating"}

@@ -1,0 +1,222 @@
+"""The fine-tuning loop: one loop for every solver, on HF Accelerate (one CPU, one GPU or many ranks).
+
+Every batch is drawn from generators seeded by (seed, step), so a run resumed from a checkpoint
+sees the data an uninterrupted run would. A checkpoint is one safetensors file (student, phi,
+feature projections, optimizer states, RNG state) with its step, solver, model fingerprint and the
+loss curves in the header; it is written beside the previous one and only then named in
+``latest.json``, so the last good checkpoint is never overwritten. SIGINT and SIGTERM end the run
+after the current step with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from ..data import Batches
+from ..errors import CheckpointError, EdgesafeError
+from ..io import load_metadata, load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, write_json
+from ..recipe import Recipe
+from ..runs import digest
+from .losses import DenoisingTask, FeatureAligner, LowerObjective
+from .solvers import NEEDS_UPPER, SOLVERS, Solver, StepLosses
+from .unlearn import parameter_subset, unlearning_loss
+
+CONCEPT_BATCH = 8
+KEEP_CHECKPOINTS = 2
+
+
+class Interrupted(EdgesafeError):
+    """The run was stopped by a signal after writing a checkpoint."""
+
+    exit_code = 130
+
+
+def model_fingerprint(unet: torch.nn.Module) -> str:
+    return digest([(n, list(t.shape)) for n, t in unet.state_dict().items()])
+
+
+@dataclass
+class TrainResult:
+    student: UNet2DConditionModel
+    curves: list[dict[str, float]]
+    steps: int
+    resumed_from: int
+    seconds_per_step: float
+
+
+@contextmanager
+def _stop_on_signals() -> Any:
+    flag = {"signal": None}
+    previous = {}
+
+    def handler(signum, _frame):
+        flag["signal"] = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+class Trainer:
+    """Builds the objectives, optimizers and solver of a recipe and runs them, resumably."""
+
+    def __init__(self, teacher: StableDiffusionPipeline, student: UNet2DConditionModel, recipe: Recipe,
+                 folder: Path, *, accelerator: Accelerator | None = None):
+        ft = recipe.finetune
+        if ft.solver in NEEDS_UPPER and not recipe.concepts:
+            raise EdgesafeError(f"finetune.solver {ft.solver!r} needs at least one concept to suppress")
+        self.recipe, self.folder = recipe, Path(folder)
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        torch.manual_seed(recipe.seed)
+        self.task = DenoisingTask(teacher)
+        self.teacher = teacher.unet.eval().requires_grad_(False)
+        self.student = student.train()
+        aligner = FeatureAligner(student, self.teacher, ft.lower.feature_align) if ft.lower.feature_kd else None
+        self.aligner = aligner
+        self.objective = LowerObjective(self.teacher, self.task, ft.lower, aligner)
+        lower_params = list(student.parameters()) + (list(aligner.parameters()) if aligner is not None else [])
+        upper_params = list({id(p): p for c in recipe.concepts for p in parameter_subset(student, c.params)}.values())
+        lower_opt = torch.optim.AdamW(lower_params, lr=ft.lr, weight_decay=0.0)
+        upper_opt = torch.optim.AdamW(upper_params, lr=ft.upper_lr, weight_decay=0.0) if upper_params else None
+        phi = phi_opt = None
+        if ft.solver == "bilevel-penalty":
+            phi = copy.deepcopy(student)
+            phi_opt = torch.optim.AdamW(phi.parameters(), lr=ft.lr, weight_decay=0.0)
+        self.solver: Solver = SOLVERS[ft.solver](
+            student=student, upper_params=upper_params, lower_opt=lower_opt, upper_opt=upper_opt, phi=phi,
+            phi_opt=phi_opt, penalty_lambda=ft.penalty_lambda, inner_steps=ft.inner_steps,
+            upper_every=ft.upper_every, lower_steps=ft.steps,
+        )
+        size = teacher.unet.config.sample_size * teacher.vae_scale_factor
+        rank = self.accelerator.process_index
+        self.batches = Batches(recipe, batch_size=ft.batch_size, resolution=size, seed=recipe.seed * 1000 + rank)
+        self.fingerprint = model_fingerprint(student)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"student": self.student}
+        if self.solver.phi is not None:
+            mods["phi"] = self.solver.phi
+        if self.aligner is not None:
+            mods["aligner"] = self.aligner
+        return mods
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        opts = {"lower_opt": self.solver.lower_opt}
+        if self.solver.upper_opt is not None:
+            opts["upper_opt"] = self.solver.upper_opt
+        if self.solver.phi_opt is not None:
+            opts["phi_opt"] = self.solver.phi_opt
+        return opts
+
+    def save_checkpoint(self, step: int, curves: list[dict[str, float]]) -> Path:
+        ckpt_dir = self.folder / "checkpoints"
+        tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+        meta: dict[str, Any] = {"step": step, "solver": self.recipe.finetune.solver, "fingerprint": self.fingerprint}
+        for name, module in self._modules().items():
+            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        for name, opt in self._optimizers().items():
+            t, m = optimizer_to_tensors(opt, prefix=name)
+            tensors.update(t)
+            meta[name] = m
+        path = ckpt_dir / f"step-{step:07d}.safetensors"
+        if self.accelerator.is_main_process:
+            save_tensors(path, tensors, metadata={"state": json.dumps(meta), "curves": json.dumps(curves)})
+            write_json(ckpt_dir / "latest.json", {"file": path.name, "step": step})
+            for old in sorted(ckpt_dir.glob("step-*.safetensors"))[:-KEEP_CHECKPOINTS]:
+                old.unlink()
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self) -> tuple[int, list[dict[str, float]]]:
+        """Restore the latest checkpoint; (0, []) when there is none."""
+        pointer = self.folder / "checkpoints" / "latest.json"
+        if not pointer.is_file():
+            return 0, []
+        try:
+            path = pointer.parent / json.loads(pointer.read_text())["file"]
+        except (json.JSONDecodeError, KeyError):
+            raise CheckpointError(f"{pointer}: unreadable checkpoint pointer") from None
+        tensors, header = load_tensors(path), load_metadata(path)
+        try:
+            meta, curves = json.loads(header["state"]), json.loads(header["curves"])
+        except (KeyError, json.JSONDecodeError):
+            raise CheckpointError(f"{path}: not an edgesafe fine-tuning checkpoint") from None
+        if meta.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(f"{path}: checkpoint is from another model (its layers do not match the student)")
+        if meta.get("solver") != self.recipe.finetune.solver:
+            raise CheckpointError(f"{path}: checkpoint is from solver {meta.get('solver')!r}, "
+                                  f"not {self.recipe.finetune.solver!r}")
+        for name, module in self._modules().items():
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        for name, opt in self._optimizers().items():
+            optimizer_from_tensors(opt, tensors, meta[name], prefix=name)
+        torch.set_rng_state(tensors["rng.torch"])
+        return int(meta["step"]), curves
+
+    # --- the loop ------------------------------------------------------------------------------
+    def _losses(self, step: int, record: dict[str, float]) -> StepLosses:
+        images, captions = self.batches(step)
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.recipe.seed, 11, step]).integers(2**62)))
+        inputs = self.task.inputs(images, captions, gen)
+        teacher_out = self.objective.teacher_outputs(inputs)
+
+        def lower(model: torch.nn.Module) -> torch.Tensor:
+            terms = self.objective(model, inputs, teacher_out)
+            if model is self.student:
+                record.update({k: v.item() for k, v in terms.items() if k != "total"})
+            return terms["total"]
+
+        if not self.recipe.concepts:
+            return StepLosses(lower=lower, upper=None)
+        concept = self.recipe.concepts[step % len(self.recipe.concepts)]
+        rng = np.random.default_rng([self.recipe.seed, 13, step])
+        n = min(CONCEPT_BATCH, len(images))
+        prompts = [concept.prompts[i] for i in rng.integers(0, len(concept.prompts), size=n)]
+        x, t = inputs["sample"][:n], inputs["timestep"][:n]
+
+        def upper(model: torch.nn.Module) -> torch.Tensor:
+            return unlearning_loss(model, self.teacher, x, t, concept, prompts, self.task.encode_text)
+
+        return StepLosses(lower=lower, upper=upper)
+
+    def run(self, *, resume: bool, checkpoint_every: int,
+            progress: Callable[[int, int], None] | None = None) -> TrainResult:
+        import time
+
+        start, curves = self.load_checkpoint() if resume else (0, [])
+        total = self.solver.total_steps()
+        t0, done = time.perf_counter(), 0
+        with _stop_on_signals() as stop:
+            for step in range(start, total):
+                record: dict[str, float] = {}
+                figures = self.solver.step(step, self._losses(step, record))
+                curves.append({"step": step + 1, **figures, **record})
+                done += 1
+                if progress:
+                    progress(step + 1, total)
+                if stop["signal"] is not None:
+                    self.save_checkpoint(step + 1, curves)
+                    raise Interrupted(f"stopped by signal {stop['signal']} at step {step + 1}; checkpoint written, "
+                                      "rerun with --resume to continue")
+                if (step + 1) % checkpoint_every == 0 and step + 1 < total:
+                    self.save_checkpoint(step + 1, curves)
+        self.save_checkpoint(total, curves)
+        seconds = (time.perf_counter() - t0) / max(1, done)
+        return TrainResult(self.student.eval(), curves, total, start, seconds)

@@ -1,0 +1,147 @@
+"""Solvers on a toy problem with a known answer, and the real training loop: checkpoints, resume, errors."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from edgesafe import load_pipeline
+from edgesafe.errors import CheckpointError, EdgesafeError
+from edgesafe.finetune.solvers import SOLVERS, StepLosses
+from edgesafe.finetune.trainer import Interrupted, Trainer
+from edgesafe.models.stats import unet_example_inputs
+from edgesafe.prune import prune_width
+from edgesafe.recipe import load_recipe
+
+from .conftest import ROOT
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.0))
+        self.b = nn.Parameter(torch.tensor(0.0))
+
+
+def toy_losses():
+    # L_ft = (a-1)^2 + (b-1)^2 ; L_unlearn = (b+1)^2, reaching only b
+    return StepLosses(lower=lambda m: (m.a - 1) ** 2 + (m.b - 1) ** 2, upper=lambda m: (m.b + 1) ** 2)
+
+
+def run_toy(name, steps=300, **kw):
+    model = Toy()
+    solver = SOLVERS[name](
+        student=model, upper_params=[model.b], lower_opt=torch.optim.SGD(model.parameters(), lr=0.1),
+        upper_opt=torch.optim.SGD([model.b], lr=0.1), lower_steps=steps, **kw,
+    )
+    if name == "bilevel-penalty":
+        solver.phi = Toy()
+        solver.phi_opt = torch.optim.SGD(solver.phi.parameters(), lr=0.1)
+    figures = [solver.step(i, toy_losses()) for i in range(solver.total_steps())]
+    return model, solver, figures
+
+
+def test_kd_ignores_the_concept():
+    model, _, _ = run_toy("kd")
+    assert model.a.item() == pytest.approx(1, abs=1e-4) and model.b.item() == pytest.approx(1, abs=1e-4)
+
+
+def test_two_stage_erases_after_distilling():
+    model, solver, figures = run_toy("two-stage")
+    assert solver.total_steps() == 600 and "upper" in figures[-1] and "lower" in figures[0]
+    assert model.a.item() == pytest.approx(1, abs=1e-4)  # untouched by the erase stage
+    assert model.b.item() == pytest.approx(-1, abs=1e-4)  # forgets L_ft entirely on b
+
+
+@pytest.mark.parametrize(("lam", "b_star"), [(1.0, 0.0), (3.0, 0.5)])
+def test_bilevel_penalty_reaches_the_penalised_optimum(lam, b_star):
+    # argmin_b (b+1)^2 + lam * (b-1)^2  =  (lam - 1) / (lam + 1)
+    model, solver, figures = run_toy("bilevel-penalty", penalty_lambda=lam, inner_steps=2)
+    assert model.a.item() == pytest.approx(1, abs=1e-3)
+    assert model.b.item() == pytest.approx(b_star, abs=1e-3)
+    assert solver.phi.b.item() == pytest.approx(1, abs=1e-3)  # phi solves the lower level
+    assert figures[-1]["gap"] == pytest.approx((b_star - 1) ** 2, abs=1e-3)
+    first = run_toy("bilevel-penalty", steps=1, penalty_lambda=lam)[0]
+    assert 0 < first.a.item() and first.b.item() < first.a.item()  # the first step already trades b off
+
+
+def test_bilevel_alternating_fixed_point():
+    # lower then upper SGD steps on b with lr 0.1: b = 0.64 b - 0.04  =>  b = -1/9
+    model, _, figures = run_toy("bilevel-alternating", upper_every=1)
+    assert model.b.item() == pytest.approx(-1 / 9, abs=1e-4) and model.a.item() == pytest.approx(1, abs=1e-4)
+    _, _, sparse = run_toy("bilevel-alternating", steps=10, upper_every=5)
+    assert sum("upper" in f for f in sparse) == 2
+
+
+# --- the real loop ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def setup(short_pipeline_dir):
+    teacher = load_pipeline(short_pipeline_dir)
+    inputs = unet_example_inputs(teacher.unet, batch=1, text_length=teacher.tokenizer.model_max_length)
+    student = prune_width(teacher.unet, 0.25, inputs)
+    overrides = {"finetune.steps": 4, "finetune.batch_size": 4, "finetune.checkpoint_every": 2}
+    return teacher, student, overrides
+
+
+def make_trainer(setup, folder, solver="bilevel-penalty"):
+    import copy
+
+    teacher, student, overrides = setup
+    recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides={**overrides, "finetune.solver": solver})
+    return Trainer(teacher, copy.deepcopy(student), recipe, folder)
+
+
+@pytest.mark.parametrize("solver", ["kd", "two-stage", "bilevel-penalty", "bilevel-alternating"])
+def test_every_solver_trains_the_real_student(setup, tmp_path, solver):
+    before = {k: v.clone() for k, v in setup[1].state_dict().items()}
+    result = make_trainer(setup, tmp_path, solver).run(resume=False, checkpoint_every=2)
+    assert result.steps == (6 if solver == "two-stage" else 4) and len(result.curves) == result.steps
+    changed = [k for k, v in result.student.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(torch.isfinite(v).all() for v in result.student.state_dict().values())
+    assert "denoise" in result.curves[0] and "feature_kd" in result.curves[0]
+
+
+def test_interrupt_and_resume_match_an_uninterrupted_run(setup, tmp_path):
+    whole = make_trainer(setup, tmp_path / "whole").run(resume=False, checkpoint_every=100)
+
+    def stop_at_two(done, total):
+        if done == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted, match="at step 2"):
+        make_trainer(setup, tmp_path / "cut").run(resume=False, checkpoint_every=100, progress=stop_at_two)
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == 2
+    resumed = make_trainer(setup, tmp_path / "cut").run(resume=True, checkpoint_every=100)
+    assert resumed.resumed_from == 2
+    for k, v in whole.student.state_dict().items():
+        assert torch.allclose(v, resumed.student.state_dict()[k], atol=1e-6), k
+    assert [c["lower"] for c in resumed.curves] == pytest.approx([c["lower"] for c in whole.curves], abs=1e-6)
+
+
+def test_bad_checkpoints_are_clear_errors_and_never_replace_the_good_one(setup, tmp_path):
+    make_trainer(setup, tmp_path).run(resume=False, checkpoint_every=2)
+    latest = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["file"]
+    with pytest.raises(CheckpointError, match="from solver 'bilevel-penalty', not 'kd'"):
+        make_trainer(setup, tmp_path, "kd").run(resume=True, checkpoint_every=2)
+    path = tmp_path / "checkpoints" / latest
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 3])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        make_trainer(setup, tmp_path).run(resume=True, checkpoint_every=2)
+    teacher, student, overrides = setup
+    other = prune_width(teacher.unet, 0.5, unet_example_inputs(teacher.unet, batch=1, text_length=16))
+    path.write_bytes(good)
+    recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides=overrides)
+    with pytest.raises(CheckpointError, match="from another model"):
+        Trainer(teacher, other, recipe, tmp_path).run(resume=True, checkpoint_every=2)
+
+
+def test_unlearning_solver_without_concepts(setup, tmp_path):
+    teacher, student, overrides = setup
+    recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides={**overrides, "concepts": []})
+    with pytest.raises(EdgesafeError, match="needs at least one concept"):
+        Trainer(teacher, student, recipe, tmp_path)
