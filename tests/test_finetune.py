@@ -145,3 +145,18 @@ def test_unlearning_solver_without_concepts(setup, tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides={**overrides, "concepts": []})
     with pytest.raises(EdgesafeError, match="needs at least one concept"):
         Trainer(teacher, student, recipe, tmp_path)
+
+
+def test_two_cpu_ranks_take_identical_steps(short_pipeline_dir, tmp_path):
+    import subprocess
+    import sys
+
+    script = ROOT / "tests" / "two_rank_train.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(script), str(short_pipeline_dir), str(ROOT / "recipes" / "tiny-shapes.yaml"), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    digests = {p.name: p.read_text() for p in tmp_path.glob("rank*-of-2.txt")}
+    assert len(digests) == 2, done.stderr[-2000:]
+    assert len(set(digests.values())) == 1  # gradients were averaged: both ranks hold the same weights
+    assert (tmp_path / "checkpoints" / "latest.json").is_file()  # written once, by rank 0

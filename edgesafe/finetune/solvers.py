@@ -21,6 +21,11 @@ import torch
 from torch import nn
 
 Loss = Callable[[nn.Module], torch.Tensor]
+GradSync = Callable[[torch.optim.Optimizer], None]
+
+
+def no_sync(_opt: torch.optim.Optimizer) -> None:
+    """Single process: gradients are already complete."""
 
 
 @dataclass
@@ -45,6 +50,8 @@ class Solver:
     inner_steps: int = 1
     upper_every: int = 1
     lower_steps: int = 0
+    sync: GradSync = no_sync
+    """Averages an optimizer's gradients over ranks before it steps (set by the trainer)."""
 
     def step(self, i: int, losses: StepLosses) -> dict[str, float]:
         raise NotImplementedError
@@ -55,6 +62,7 @@ class Solver:
     def _descend(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.sync(opt)
         opt.step()
 
 
@@ -99,6 +107,7 @@ class BilevelPenalty(Solver):
         for p, g in zip(params, g_lower, strict=True):
             gu = g_upper.get(id(p))
             p.grad = (g if g is not None else torch.zeros_like(p)) + (gu if gu is not None else 0)
+        self.sync(self.lower_opt)
         self.lower_opt.step()
         gap = lower.item() - phi_value.item()
         return {"lower": lower.item(), "upper": upper.item(), "phi_lower": phi_value.item(), "gap": gap,

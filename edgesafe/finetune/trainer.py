@@ -1,4 +1,5 @@
-"""The fine-tuning loop: one loop for every solver, on HF Accelerate (one CPU, one GPU or many ranks).
+"""The fine-tuning loop: one loop for every solver, on HF Accelerate (one CPU, one GPU or many ranks;
+each rank draws its own batches and gradients are averaged before every optimizer step).
 
 Every batch is drawn from generators seeded by (seed, step), so a run resumed from a checkpoint
 sees the data an uninterrupted run would. A checkpoint is one safetensors file (student, phi,
@@ -103,10 +104,25 @@ class Trainer:
             phi_opt=phi_opt, penalty_lambda=ft.penalty_lambda, inner_steps=ft.inner_steps,
             upper_every=ft.upper_every, lower_steps=ft.steps,
         )
+        if self.accelerator.num_processes > 1:
+            self.solver.sync = self._all_reduce_grads
         size = teacher.unet.config.sample_size * teacher.vae_scale_factor
         rank = self.accelerator.process_index
         self.batches = Batches(recipe, batch_size=ft.batch_size, resolution=size, seed=recipe.seed * 1000 + rank)
         self.fingerprint = model_fingerprint(student)
+
+    def _all_reduce_grads(self, opt: torch.optim.Optimizer) -> None:
+        """Average gradients over ranks (each rank draws its own batches), so every rank takes the same
+        step. Explicit rather than DDP's hooks, because the penalty solver builds its gradients with
+        ``torch.autograd.grad``, which those hooks never see."""
+        import torch.distributed as dist
+
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= self.accelerator.num_processes
 
     # --- checkpoints -------------------------------------------------------------------------
     def _modules(self) -> dict[str, torch.nn.Module]:
