@@ -115,3 +115,36 @@ def test_compress_runs_the_stages_and_resumes(tmp_path, short_pipeline_dir):
     again = cli(*args, "--resume")
     statuses = {e["stage"]: e["status"] for e in map(json.loads, again.stdout.splitlines()) if e["event"] == "stage"}
     assert statuses == {"teacher": "skipped", "prune": "skipped"}
+
+
+def test_finetune_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, short_pipeline_dir):
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    sets = ["--set", "finetune.steps=6", "--set", "finetune.batch_size=4", "--set", "finetune.checkpoint_every=2",
+            "--set", "prune.importance=magnitude"]
+    base = ["finetune", "--recipe", TINY, "--model", str(short_pipeline_dir), *sets]
+    whole = cli(*base, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-c", "from edgesafe.cli import run; run()", *base, "--out", str(cut)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = cut / "2-finetune" / "checkpoints" / "latest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (pointer.is_file() and json.loads(pointer.read_text())["step"] >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((cut / "2-finetune" / "stage.json").read_text())["status"] == "running"
+
+    resumed = cli(*base, "--out", str(cut), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    figures = json.loads((cut / "2-finetune" / "stage.json").read_text())["figures"]
+    assert figures["resumed_from"] >= 2
+    a = load_file(str(tmp_path / "whole" / "2-finetune" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(cut / "2-finetune" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # stated tolerance: 1e-6 absolute
