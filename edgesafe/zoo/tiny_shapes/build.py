@@ -65,7 +65,7 @@ SCHEDULES = {
 
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon",
+    prediction_type="epsilon", steps_offset=1,
 )
 
 
