@@ -99,7 +99,7 @@ def make_trainer(setup, folder, solver="bilevel-penalty"):
 def test_every_solver_trains_the_real_student(setup, tmp_path, solver):
     before = {k: v.clone() for k, v in setup[1].state_dict().items()}
     result = make_trainer(setup, tmp_path, solver).run(resume=False, checkpoint_every=2)
-    assert result.steps == (6 if solver == "two-stage" else 4) and len(result.curves) == result.steps
+    assert result.steps == (8 if solver == "two-stage" else 4) and len(result.curves) == result.steps
     changed = [k for k, v in result.student.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(torch.isfinite(v).all() for v in result.student.state_dict().values())
     assert "denoise" in result.curves[0] and "feature_kd" in result.curves[0]

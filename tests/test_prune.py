@@ -113,7 +113,7 @@ def test_block_removal_loads_with_plain_from_pretrained(unet, inputs, variant, t
     assert count_params(student) < count_params(unet) or variant == "base"  # base is a no-op at 1 layer/stage
     student.save_pretrained(tmp_path, safe_serialization=True)
     plain = UNet2DConditionModel.from_pretrained(tmp_path)
-    assert torch.equal(plain(*inputs).sample, student(*inputs).sample)
+    assert torch.allclose(plain(*inputs).sample, student(*inputs).sample, atol=1e-5)
     if variant != "tiny":  # every kept block carries the teacher's weights
         assert torch.equal(student.conv_in.weight, unet.conv_in.weight)
 

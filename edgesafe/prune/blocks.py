@@ -75,7 +75,8 @@ def remove_blocks(unet: UNet2DConditionModel, variant: str) -> UNet2DConditionMo
             raise BudgetError(f"block removal {variant!r}: no teacher weight fits {key} (looked for {source})")
         state[key] = teacher_state[source]
     student.load_state_dict(state, strict=True)
-    return student.to(next(unet.parameters()).dtype).eval()
+    dtype = next(unet.parameters()).dtype
+    return (student if dtype == torch.float32 else student.to(dtype)).eval()
 
 
 def bk_sdm_param_count(config: dict[str, Any], variant: str) -> int:
