@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import signal
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -214,8 +215,6 @@ class Trainer:
 
     def run(self, *, resume: bool, checkpoint_every: int,
             progress: Callable[[int, int], None] | None = None) -> TrainResult:
-        import time
-
         start, curves = self.load_checkpoint() if resume else (0, [])
         total = self.solver.total_steps()
         t0, done = time.perf_counter(), 0
