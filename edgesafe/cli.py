@@ -159,21 +159,21 @@ def compress(
     from .pipeline import PLANNED, STAGES
     from .runs import RunDir, plan
 
+    if not dry_run:
+        _run(recipe, model, out_dir, resume, sets)
+        return
     r = _load(recipe, model, sets)
     run = RunDir(out_dir or Path("runs") / r.name)
-    if dry_run:
-        table = Table(title=f"plan for {r.name} -> {run.root}")
-        for col in ("stage", "folder", "action", "what"):
-            table.add_column(col)
-        for stage, action in plan(r, run, STAGES, resume=resume):
-            table.add_row(stage.name, stage.folder, action, stage.description)
-        for name, what in PLANNED.items():
-            table.add_row(name, "-", "not in this version", what)
-        out.say(table)
-        out.event("plan", recipe=r.name, run=str(run.root),
-                  stages=[{"stage": s.name, "action": a} for s, a in plan(r, run, STAGES, resume=resume)])
-        return
-    _run(recipe, model, out_dir, resume, sets)
+    table = Table(title=f"plan for {r.name} -> {run.root}")
+    for col in ("stage", "folder", "action", "what"):
+        table.add_column(col)
+    actions = plan(r, run, STAGES, resume=resume)
+    for stage, action in actions:
+        table.add_row(stage.name, stage.folder, action, stage.description)
+    for name, what in PLANNED.items():
+        table.add_row(name, "-", "not in this version", what)
+    out.say(table)
+    out.event("plan", recipe=r.name, run=str(run.root), stages=[{"stage": s.name, "action": a} for s, a in actions])
 
 
 def _not_available(stage: str) -> None:

@@ -67,15 +67,13 @@ def real_images(n: int, *, seed: int, exclude: tuple[str, ...] = ()) -> torch.Te
     return torch.from_numpy(images)
 
 
-def prompt_accuracy(evaluator: ShapesEvaluator, images: torch.Tensor, prompts: Sequence[world.EvalPrompt],
-                    per_prompt: int) -> float:
-    """Share of images whose every prompted attribute is recognised (images prompt-major)."""
-    names, _ = evaluator.classify(images)
-    hits = 0
-    for i in range(len(images)):
-        p = prompts[i // per_prompt]
-        hits += all(getattr(p, head) in (None, names[head][i]) for head in world.HEADS)
-    return hits / max(1, len(images))
+def prompt_accuracy(names: dict[str, list[str]], prompts: Sequence[world.EvalPrompt], per_prompt: int) -> float:
+    """Share of images whose every prompted attribute is recognised, from the evaluator's ``names``
+    of prompt-major images."""
+    n = len(next(iter(names.values()), []))
+    hits = sum(all(getattr(prompts[i // per_prompt], head) in (None, names[head][i]) for head in world.HEADS)
+               for i in range(n))
+    return hits / max(1, n)
 
 
 def concept_rate(evaluator: ShapesEvaluator, images: torch.Tensor, concept: world.Concept) -> float:
@@ -99,9 +97,9 @@ def evaluate_pipeline(
     gen = dict(seeds=seeds, steps=steps, guidance_scale=guidance_scale)
     wanted = world.wanted_prompts()
     images = generate(pipe, [p.text for p in wanted], progress=progress, **gen)
-    result: dict = {"prompt_accuracy": prompt_accuracy(evaluator, images, wanted, len(seeds)),
+    names, features = evaluator.classify(images)
+    result: dict = {"prompt_accuracy": prompt_accuracy(names, wanted, len(seeds)),
                     "generations": len(images), "concepts": {}}
-    _, features = evaluator.classify(images)
     if reference_features is not None:
         result["fid"] = frechet_distance(features, reference_features)
     for name, concept in world.UNWANTED.items():
