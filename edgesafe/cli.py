@@ -195,10 +195,10 @@ def finetune(recipe: RecipeOpt, model: ModelOpt = None, out_dir: OutOpt = None, 
 
 
 @app.command(name="export")
-def export_(recipe: RecipeOpt) -> None:
-    """Export the student to ONNX / Core ML, quantize and check parity."""
-    _load(recipe, None, None)
-    _not_available("export")
+def export_(recipe: RecipeOpt, model: ModelOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
+            sets: SetOpt = None) -> None:
+    """Export the student to ONNX / Core ML, quantize and check parity (runs earlier stages as needed)."""
+    _run(recipe, model, out_dir, resume, sets, until="export")
 
 
 @app.command()
@@ -337,7 +337,7 @@ def zoo_build(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write (default: the package's zoo).")] = None,
     work: Annotated[Path | None, typer.Option(help="Checkpoint folder; a rerun resumes from it.")] = None,
     seed: int = 0,
-    schedule: Annotated[str, typer.Option(help="full (the shipped weights), long, or short (a smoke test).")] = "full",
+    schedule: Annotated[str, typer.Option(help="full (the shipped weights) or short (a smoke test).")] = "full",
 ) -> None:
     """Train an embedded model from scratch, resumably, and write it into the zoo."""
     from .zoo import WEIGHTS_DIR

@@ -2,8 +2,8 @@
 
 Each stage is a :class:`~edgesafe.runs.Stage`: the settings it depends on, the hashes of what it
 reads, and a function that does the work and returns figures for its manifest. ``STAGES`` lists
-them in order; stages that a later version adds (export, bench) are in
-``PLANNED`` until they exist, so a plan shows them and a run says they are not available yet.
+them in order; stages that a later version adds (bench) are in ``PLANNED`` until they exist, so a
+plan shows them and a run says they are not available yet.
 """
 
 from __future__ import annotations
@@ -151,9 +151,24 @@ FINETUNE = Stage(
     run=_finetune,
 )
 
-STAGES: list[Stage] = [TEACHER, PRUNE, FINETUNE]
+def _export(ctx: StageContext) -> dict[str, Any]:
+    from .export import export_stage
+
+    return export_stage(load_pipeline(ctx.run.root / FINETUNE.folder / "final"), ctx.recipe, ctx.folder,
+                        progress=ctx.progress)
+
+
+EXPORT = Stage(
+    name="export",
+    folder="3-export",
+    description="export the student to ONNX / Core ML, quantize, and check parity against PyTorch",
+    settings=lambda r: {"export": r.export.model_dump(), "data": r.data.model_dump(),
+                        "bench": r.bench.model_dump()},
+    run=_export,
+)
+
+STAGES: list[Stage] = [TEACHER, PRUNE, FINETUNE, EXPORT]
 
 PLANNED: dict[str, str] = {
-    "export": "ONNX / Core ML export, quantization and parity checks",
     "bench": "latency, quality and safety report against the teacher",
 }

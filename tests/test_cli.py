@@ -97,7 +97,8 @@ def test_check_exit_codes(tmp_path):
 def test_compress_runs_the_stages_and_resumes(tmp_path, short_pipeline_dir):
     run_dir = tmp_path / "run"
     args = ["--log-json", "compress", "--recipe", TINY, "--model", str(short_pipeline_dir), "--out", str(run_dir),
-            "--set", "finetune.steps=2", "--set", "finetune.batch_size=4"]
+            "--set", "finetune.steps=2", "--set", "finetune.batch_size=4", "--set", "export.targets=[onnx]",
+            "--set", "export.quantize=[]"]
     first = cli(*args)
     assert first.returncode == 0, first.stderr
     teacher = json.loads((run_dir / "0-teacher" / "stage.json").read_text())["figures"]
@@ -115,10 +116,13 @@ def test_compress_runs_the_stages_and_resumes(tmp_path, short_pipeline_dir):
 
     again = cli(*args, "--resume")
     statuses = {e["stage"]: e["status"] for e in map(json.loads, again.stdout.splitlines()) if e["event"] == "stage"}
-    assert statuses == {"teacher": "skipped", "prune": "skipped", "finetune": "skipped"}
+    assert statuses == {"teacher": "skipped", "prune": "skipped", "finetune": "skipped", "export": "skipped"}
     finetuned = load_pipeline(run_dir / "2-finetune" / "final")
     assert count_params(finetuned.unet) == pruned["unet_params"]
     assert (run_dir / "2-finetune" / "curves.png").stat().st_size > 0
+    exported = json.loads((run_dir / "3-export" / "stage.json").read_text())["figures"]
+    assert exported["onnx"]["fp32"]["image_psnr_db"] >= 40 and exported["coreml"] == {}
+    assert (run_dir / "3-export" / "onnx" / "fp32" / "unet" / "model.onnx").is_file()
 
 
 def test_finetune_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, short_pipeline_dir):

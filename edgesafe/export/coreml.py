@@ -1,0 +1,232 @@
+"""Core ML export: ML program ``.mlpackage`` files laid out for apple/ml-stable-diffusion's Swift pipeline.
+
+``out/`` holds ``TextEncoder.mlpackage``, ``Unet.mlpackage``, ``VAEDecoder.mlpackage``,
+``VAEEncoder.mlpackage``, ``vocab.json`` and ``merges.txt``, with the tensor names and layouts the
+Swift pipeline feeds: float ``input_ids``; a UNet taking the guidance batch of 2 with
+``encoder_hidden_states`` as (2, C, 1, S) and returning ``noise_pred``; a decoder taking ``z`` (the
+Swift code divides latents by SD's 0.18215 before decoding, so the package rescales to this VAE's own
+factor) and returning ``image``; an encoder with the image-to-image inputs. On a Mac, compile each
+package with ``xcrun coremlcompiler compile X.mlpackage Resources/`` and point the Swift CLI's
+``--resource-path`` at ``Resources/`` (with ``vocab.json`` and ``merges.txt`` copied in).
+
+Prediction needs macOS. On other systems :func:`describe_package` validates what can be: the
+package loads as a spec, its inputs, outputs and shapes are the expected ones, and its operations
+(including the compressed-weight ops a quantizer adds) are listed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from torch import nn
+
+from ..errors import EdgesafeError
+from .onnx import folder_bytes, image_shape, latent_shape
+
+SWIFT_LATENT_SCALE = 0.18215  # hard-coded in the Swift decoder
+IOS17_SPEC_VERSION = 8
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor):
+        out = self.text_encoder(input_ids.to(torch.int32), return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class _Unet(nn.Module):
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        hidden = encoder_hidden_states.squeeze(2).transpose(1, 2)  # (B, C, 1, S) -> (B, S, C)
+        return self.unet(sample, timestep, hidden, return_dict=False)[0]
+
+
+class _VaeDecoder(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.rescale = SWIFT_LATENT_SCALE / vae.config.scaling_factor
+
+    def forward(self, z: torch.Tensor):
+        return self.vae.decode(z * self.rescale).sample
+
+
+class _VaeEncoder(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scale = vae.config.scaling_factor
+
+    def forward(self, sample, diagonal_noise, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod):
+        mean, logvar = self.vae.encode(sample).latent_dist.parameters.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        latent = (mean + std * diagonal_noise) * self.scale
+        return sqrt_alphas_cumprod * latent + sqrt_one_minus_alphas_cumprod * noise
+
+
+def _specs(pipe: StableDiffusionPipeline) -> dict[str, tuple[Callable[[], nn.Module], dict, list[str]]]:
+    """Package name -> (module factory, input name -> shape, output names)."""
+    length = pipe.tokenizer.model_max_length
+    latent2 = latent_shape(pipe, 2)
+    latent1 = (1, pipe.vae.config.latent_channels, *latent2[2:])
+    return {
+        "TextEncoder": (lambda: _TextEncoder(pipe.text_encoder), {"input_ids": (1, length)},
+                        ["last_hidden_state", "pooled_outputs"]),
+        "Unet": (lambda: _Unet(pipe.unet),
+                 {"sample": latent2, "timestep": (2,),
+                  "encoder_hidden_states": (2, pipe.unet.config.cross_attention_dim, 1, length)}, ["noise_pred"]),
+        "VAEDecoder": (lambda: _VaeDecoder(pipe.vae), {"z": latent1}, ["image"]),
+        "VAEEncoder": (lambda: _VaeEncoder(pipe.vae),
+                       {"sample": image_shape(pipe, 1), "diagonal_noise": latent1, "noise": latent1,
+                        "sqrt_alphas_cumprod": (1, 1), "sqrt_one_minus_alphas_cumprod": (1, 1)}, ["latent"]),
+    }
+
+
+def _example(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if name == "input_ids":
+        return torch.zeros(shape)
+    if name == "timestep":
+        return torch.full(shape, 500.0)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+
+
+def _convert(module: nn.Module, inputs: dict[str, tuple[int, ...]], outputs: list[str]):
+    import coremltools as ct
+
+    examples = tuple(_example(n, s) for n, s in inputs.items())
+    with torch.no_grad():
+        traced = torch.jit.trace(module.eval(), examples, strict=False)
+    return ct.convert(
+        traced, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
+        compute_precision=ct.precision.FLOAT16,
+        inputs=[ct.TensorType(name=n, shape=s, dtype=np.float32) for n, s in inputs.items()],
+        outputs=[ct.TensorType(name=n) for n in outputs],
+    )
+
+
+def _linear8(model):
+    import coremltools.optimize.coreml as cto
+
+    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
+    return cto.linear_quantize_weights(model, config)
+
+
+def _palettize(nbits: int):
+    def apply(model):
+        import coremltools.optimize.coreml as cto
+
+        config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=nbits))
+        return cto.palettize_weights(model, config)
+
+    return apply
+
+
+COREML_QUANTIZERS: dict[str, Callable] = {
+    "coreml-linear8": _linear8,
+    "coreml-palettize4": _palettize(4),
+    "coreml-palettize6": _palettize(6),
+    "coreml-palettize8": _palettize(8),
+}
+COMPRESSED = ("Unet", "TextEncoder")  # the packages a weight quantizer rewrites; the VAE stays fp16
+
+
+def export_coreml(pipe: StableDiffusionPipeline, out: Path) -> Path:
+    """Convert every component of ``pipe`` to ``out/<Name>.mlpackage`` (fp16 compute; ``out`` replaced
+    whole once all succeed)."""
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        for name, (factory, inputs, outputs) in _specs(pipe).items():
+            _convert(factory(), inputs, outputs).save(str(partial / f"{name}.mlpackage"))
+        pipe.tokenizer.save_vocabulary(str(partial))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
+
+
+def quantize_coreml(src: Path, dst: Path, method: str) -> Path:
+    """Copy the Core ML export ``src`` to ``dst`` with ``method`` applied to the UNet and text encoder."""
+    import coremltools as ct
+
+    partial = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(src, partial)
+    try:
+        for name in COMPRESSED:
+            path = partial / f"{name}.mlpackage"
+            model = COREML_QUANTIZERS[method](ct.models.MLModel(str(path), skip_model_load=True))
+            shutil.rmtree(path)
+            model.save(str(path))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(dst, ignore_errors=True)
+    partial.rename(dst)
+    return dst
+
+
+def describe_package(path: Path) -> dict:
+    """Inputs, outputs, deployment spec version, operation counts and size of an ``.mlpackage``."""
+    import coremltools as ct
+
+    try:
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+    except Exception as exc:  # coremltools raises plain Exceptions for unreadable packages
+        raise EdgesafeError(f"{path}: not a readable Core ML package ({str(exc).strip().splitlines()[0]})") from None
+    spec = model.get_spec()
+
+    def shapes(features) -> dict[str, list[int]]:
+        return {f.name: list(f.type.multiArrayType.shape) for f in features}
+
+    ops: Counter[str] = Counter()
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            ops.update(op.type for op in block.operations)
+    return {
+        "inputs": shapes(spec.description.input),
+        "outputs": shapes(spec.description.output),
+        "spec_version": spec.specificationVersion,
+        "ml_program": spec.WhichOneof("Type") == "mlProgram",
+        "ops": dict(sorted(ops.items())),
+        "bytes": folder_bytes(path),
+    }
+
+
+def validate_coreml(pipe: StableDiffusionPipeline, folder: Path) -> dict:
+    """Check every package's spec against what the Swift pipeline feeds; raise on the first mismatch.
+
+    Returns the descriptions plus ``predicted``: whether prediction ran (only on macOS)."""
+    report: dict = {"packages": {}, "predicted": False,
+                    "prediction_note": "prediction needs macOS; specs validated on " + sys.platform}
+    for name, (_, inputs, outputs) in _specs(pipe).items():
+        desc = describe_package(folder / f"{name}.mlpackage")
+        want = {k: list(v) for k, v in inputs.items()}
+        if desc["inputs"] != want:
+            raise EdgesafeError(f"{folder / name}.mlpackage: inputs {desc['inputs']} != expected {want}")
+        if list(desc["outputs"]) != outputs:
+            raise EdgesafeError(f"{folder / name}.mlpackage: outputs {list(desc['outputs'])} != expected {outputs}")
+        if not desc["ml_program"] or desc["spec_version"] < IOS17_SPEC_VERSION:
+            raise EdgesafeError(f"{folder / name}.mlpackage: not an iOS 17 ML program (spec {desc['spec_version']})")
+        report["packages"][name] = desc
+    for extra in ("vocab.json", "merges.txt"):
+        if not (folder / extra).is_file():
+            raise EdgesafeError(f"{folder}: missing {extra} for the Swift tokenizer")
+    return report

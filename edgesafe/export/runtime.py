@@ -1,0 +1,86 @@
+"""Generate images from an exported ONNX folder with bare onnxruntime sessions (no optimum needed).
+
+The loop is diffusers' ``StableDiffusionPipeline`` loop (classifier-free guidance with the empty
+prompt, the folder's scheduler), so with the same latents it reproduces the PyTorch pipeline and
+any gap is the export's error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import onnxruntime as ort
+import torch
+from transformers import CLIPTokenizer
+
+from ..errors import ModelLoadError
+from .onnx import onnx_files
+
+
+def session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
+    """A CPU onnxruntime session for ``path``; an unreadable model is one clear error."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"{path}: onnxruntime cannot load it ({first})") from None
+
+
+class OnnxPipeline:
+    """Text-to-image with the ``text_encoder``, ``unet`` and ``vae_decoder`` of an exported folder."""
+
+    def __init__(self, folder: Path, *, threads: int = 0):
+        folder = Path(folder)
+        files = onnx_files(folder)
+        missing = [n for n in ("text_encoder", "unet", "vae_decoder") if n not in files]
+        if missing or not (folder / "model_index.json").is_file():
+            what = ", ".join(missing) or "model_index.json"
+            raise ModelLoadError(f"{folder}: not an exported ONNX pipeline (missing {what})")
+        t0 = time.perf_counter()
+        self.sessions = {name: session(path, threads=threads) for name, path in files.items()}
+        self.load_seconds = time.perf_counter() - t0
+        index = json.loads((folder / "model_index.json").read_text())
+        self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        scheduler_cls = getattr(diffusers, index["scheduler"][1])
+        self.scheduler_config = scheduler_cls.load_config(folder / "scheduler")
+        self.scheduler_cls = scheduler_cls
+        vae = json.loads((folder / "vae_decoder" / "config.json").read_text())
+        self.scaling_factor = vae["scaling_factor"]
+
+    def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
+        sess = self.sessions[name]
+        types = {i.name: i.type for i in sess.get_inputs()}
+        cast = {k: v.astype(np.int64 if "int64" in types[k] else np.int32 if "int32" in types[k] else np.float32)
+                for k, v in feeds.items()}
+        return sess.run(None, cast)
+
+    def encode_prompt(self, prompts: list[str]) -> np.ndarray:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="np").input_ids
+        return self.run("text_encoder", input_ids=ids)[0]
+
+    def __call__(
+        self, prompts: list[str], *, latents: np.ndarray, num_inference_steps: int = 20, guidance_scale: float = 5.0,
+    ) -> np.ndarray:
+        """Images in [0, 1], NHWC, from the given initial ``latents`` (one per prompt)."""
+        scheduler = self.scheduler_cls.from_config(self.scheduler_config)
+        scheduler.set_timesteps(num_inference_steps)
+        text = self.encode_prompt(list(prompts))
+        uncond = self.encode_prompt([""] * len(prompts))
+        hidden = np.concatenate([uncond, text])
+        x = torch.from_numpy(np.asarray(latents, dtype=np.float32)) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
+            noise = torch.from_numpy(self.run("unet", sample=model_in.numpy(), timestep=np.array(t, dtype=np.float32),
+                                              encoder_hidden_states=hidden)[0])
+            uncond_noise, text_noise = noise.chunk(2)
+            noise = uncond_noise + guidance_scale * (text_noise - uncond_noise)
+            x = scheduler.step(noise, t, x).prev_sample
+        image = self.run("vae_decoder", latent_sample=(x / self.scaling_factor).numpy())[0]
+        return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)

@@ -1,0 +1,195 @@
+"""ONNX / Core ML export of the committed tiny-shapes teacher and a pruned student: real exporters,
+real onnxruntime sessions, optimum's pipeline, real quantizers."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgesafe.errors import EdgesafeError, ModelLoadError
+from edgesafe.export import (
+    COREML_QUANTIZERS,
+    ONNX_QUANTIZERS,
+    OnnxPipeline,
+    ParityError,
+    export_coreml,
+    export_onnx,
+    onnx_parity,
+    quantize_coreml,
+    quantize_folder,
+    validate_coreml,
+)
+from edgesafe.export.onnx import export_component
+from edgesafe.export.parity import check_parity, component_parity, generate_pair, psnr_db
+from edgesafe.export.quantize import unet_calibration, weight_only_int8
+from edgesafe.export.runtime import session
+from edgesafe.models.loading import load_pipeline
+from edgesafe.models.stats import unet_example_inputs
+from edgesafe.prune import prune_width
+from edgesafe.recipe import Tolerance
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("zoo:tiny-shapes")
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(pipe, tmp_path_factory):
+    return export_onnx(pipe, tmp_path_factory.mktemp("export") / "onnx")
+
+
+@pytest.fixture(scope="module")
+def calibration(pipe):
+    return unet_calibration(pipe, ["a red circle on a plain background", "a blue square with stripes"], steps=4)
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_layout_is_optimums_and_its_pipeline_generates_the_same_image(pipe, onnx_dir):
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        assert (onnx_dir / name / "model.onnx").is_file() and (onnx_dir / name / "config.json").is_file()
+    assert json.loads((onnx_dir / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    ort_pipe = ORTStableDiffusionPipeline.from_pretrained(onnx_dir, local_files_only=True)
+    latents = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(num_inference_steps=6, guidance_scale=5.0, output_type="np")
+    got = ort_pipe("a green triangle with dots", latents=latents.clone(), **kwargs).images
+    ref = pipe("a green triangle with dots", latents=latents.clone(), **kwargs).images
+    assert got.shape == (1, 32, 32, 3) and got.std() > 0.05
+    assert psnr_db(ref, got) > 60
+
+
+def test_bare_sessions_match_pytorch_at_any_batch(pipe, onnx_dir):
+    runner = OnnxPipeline(onnx_dir)
+    errors = component_parity(pipe, runner)
+    assert set(errors) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
+    assert all(e["max_abs"] < 1e-3 for e in errors.values()), errors
+    sample = np.random.default_rng(0).standard_normal((3, 8, 8, 8)).astype(np.float32)
+    hidden = runner.encode_prompt(["a", "b", "c"])
+    out = runner.run("unet", sample=sample, timestep=np.array(10.0), encoder_hidden_states=hidden)[0]
+    ref = pipe.unet(torch.from_numpy(sample), 10, torch.from_numpy(hidden)).sample.detach().numpy()
+    assert out.shape == (3, 8, 8, 8) and np.abs(out - ref).max() < 1e-3
+    ref_images, images = generate_pair(pipe, runner, steps=5)
+    assert psnr_db(ref_images, images) > 60
+
+
+def test_a_pruned_unet_exports_and_matches(pipe, tmp_path):
+    student = load_pipeline("zoo:tiny-shapes")
+    student.unet = prune_width(student.unet, 0.5, unet_example_inputs(student.unet, batch=2, text_length=8))
+    path = export_component(student, "unet", tmp_path / "unet")
+    sample, hidden = torch.randn(2, 8, 8, 8), torch.randn(2, pipe.tokenizer.model_max_length, 64)
+    got = session(path).run(None, {"sample": sample.numpy(), "timestep": np.array(700.0, np.float32),
+                                   "encoder_hidden_states": hidden.numpy()})[0]
+    ref = student.unet(sample, 700, hidden).sample.detach().numpy()
+    assert np.abs(got - ref).max() < 1e-3
+    assert path.stat().st_size < 0.6 * sum(p.numel() for p in pipe.unet.parameters()) * 4
+
+
+def test_external_data_format_loads(pipe, tmp_path):
+    path = export_component(pipe, "vae_decoder", tmp_path / "vae_decoder", external_over=0)
+    assert (tmp_path / "vae_decoder" / "model.onnx_data").stat().st_size > path.stat().st_size
+    latents = torch.randn(1, 8, 8, 8)
+    got = session(path).run(None, {"latent_sample": latents.numpy()})[0]
+    assert np.abs(got - pipe.vae.decode(latents).sample.detach().numpy()).max() < 1e-3
+
+
+@pytest.mark.parametrize("method", sorted(ONNX_QUANTIZERS))
+def test_each_onnx_quantizer_shrinks_the_unet_and_keeps_the_image(pipe, onnx_dir, calibration, method, tmp_path):
+    out = quantize_folder(onnx_dir, tmp_path / method, method, calibration)
+    fp32_bytes = (onnx_dir / "unet" / "model.onnx").stat().st_size
+    assert (out / "unet" / "model.onnx").stat().st_size < 0.5 * fp32_bytes
+    ops = _ops(out / "unet" / "model.onnx")
+    assert ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"}
+    if method == "int8-hybrid":
+        assert "DequantizeLinear" in _ops(out / "text_encoder" / "model.onnx")
+        assert (out / "vae_decoder" / "model.onnx").stat().st_size < 0.5 * (
+            onnx_dir / "vae_decoder" / "model.onnx").stat().st_size
+    figures = onnx_parity(pipe, out, steps=6)
+    assert 12 < figures["image_psnr_db"] < 100  # changed, yet still the same picture
+
+
+def test_weight_only_int8_dequantizes_to_the_weights():
+    w = np.random.default_rng(0).standard_normal((16, 8, 3, 3)).astype(np.float32)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 5, 5])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Conv", ["x", "w"], ["y"])], "g", [x], [y],
+                                   [numpy_helper.from_array(w, "w")])
+    model = weight_only_int8(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9))
+    import onnxruntime as ort
+
+    feed = np.random.default_rng(1).standard_normal((1, 8, 5, 5)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": feed})[0]
+    ref = torch.nn.functional.conv2d(torch.from_numpy(feed), torch.from_numpy(w)).numpy()
+    assert {i.data_type for i in model.graph.initializer} == {onnx.TensorProto.INT8, onnx.TensorProto.FLOAT}
+    assert 0 < np.abs(got - ref).max() < 0.02 * np.abs(ref).max()
+
+
+def test_a_broken_artefact_fails_parity_with_its_figures(pipe, onnx_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_dir, broken)
+    path = broken / "unet" / "model.onnx"
+    model = onnx.load(str(path))
+    for t in model.graph.initializer:  # a botched conversion: every weight matrix 50% too large
+        if np.prod(t.dims) > 1000:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.5, t.name))
+    onnx.save(model, str(path))
+    figures = onnx_parity(pipe, broken, steps=6)
+    with pytest.raises(ParityError, match=r"onnx/broken: parity failed: image PSNR [\d.]+ dB < 40 dB; "
+                                          r"unet max-abs error [\d.e+-]+ > 0.001"):
+        check_parity("onnx/broken", figures, Tolerance(max_abs=1e-3, psnr_db=40))
+    check_parity("onnx/fp32", onnx_parity(pipe, onnx_dir, steps=6), Tolerance(max_abs=1e-3, psnr_db=40))
+
+
+def test_an_unreadable_onnx_folder_is_one_clear_error(onnx_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(onnx_dir, bad)
+    (bad / "unet" / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError, match="onnxruntime cannot load it"):
+        OnnxPipeline(bad)
+    (bad / "unet" / "model.onnx").unlink()
+    with pytest.raises(ModelLoadError, match="not an exported ONNX pipeline"):
+        OnnxPipeline(bad)
+
+
+@pytest.fixture(scope="module")
+def coreml_dir(pipe, tmp_path_factory):
+    return export_coreml(pipe, tmp_path_factory.mktemp("coreml") / "fp16")
+
+
+def test_coreml_packages_have_the_swift_pipelines_interface(pipe, coreml_dir):
+    report = validate_coreml(pipe, coreml_dir)
+    unet = report["packages"]["Unet"]
+    assert unet["inputs"] == {"sample": [2, 8, 8, 8], "timestep": [2],
+                              "encoder_hidden_states": [2, 64, 1, pipe.tokenizer.model_max_length]}
+    assert list(unet["outputs"]) == ["noise_pred"] and unet["spec_version"] >= 8
+    assert report["packages"]["TextEncoder"]["outputs"].keys() == {"last_hidden_state", "pooled_outputs"}
+    assert list(report["packages"]["VAEDecoder"]["inputs"]) == ["z"]
+    assert report["predicted"] is False and "macOS" in report["prediction_note"]
+    assert json.loads((coreml_dir / "vocab.json").read_text()) == pipe.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("method,op", [("coreml-linear8", "constexpr_affine_dequantize"),
+                                       ("coreml-palettize4", "constexpr_lut_to_dense")])
+def test_coreml_quantizers_compress_the_unet(pipe, coreml_dir, tmp_path, method, op):
+    assert method in COREML_QUANTIZERS
+    out = quantize_coreml(coreml_dir, tmp_path / method, method)
+    report = validate_coreml(pipe, out)
+    base = validate_coreml(pipe, coreml_dir)["packages"]["Unet"]
+    assert report["packages"]["Unet"]["ops"].get(op, 0) > 10
+    assert report["packages"]["Unet"]["bytes"] < (0.75 if method.endswith("4") else 0.95) * base["bytes"]
+
+
+def test_a_coreml_folder_without_the_tokenizer_files_is_rejected(pipe, coreml_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(coreml_dir, bad)
+    (bad / "merges.txt").unlink()
+    with pytest.raises(EdgesafeError, match="missing merges.txt"):
+        validate_coreml(pipe, bad)
