@@ -44,7 +44,7 @@ def main() -> None:
     accuracy = evaluator_accuracy(evaluator, args.real)
     _, real_features = evaluator.classify(real_images(args.real, seed=HELD_OUT_SEED))
     figures = evaluate_pipeline(pipe, evaluator, seeds=list(range(args.seeds)), steps=args.steps,
-                                guidance_scale=args.guidance_scale, reference_features=real_features)
+                                guidance_scale=args.guidance_scale, references={"real": real_features})
     # the noise floor of the FID: two disjoint sets of real images
     _, other_real = evaluator.classify(real_images(args.real, seed=HELD_OUT_SEED + 1))
 
@@ -54,7 +54,7 @@ def main() -> None:
         "prompt_accuracy": figures["prompt_accuracy"],
         "concept_rate_direct_min": figures["concept_rate_direct_min"],
         "concept_rate_paraphrase_min": figures["concept_rate_paraphrase_min"],
-        "fid_vs_real": figures["fid"],
+        "fid_vs_real": figures["fid_vs_real"],
         "unet_params": count_params(pipe.unet),
         "unet_macs": count_macs(pipe.unet, batch=1, text_length=pipe.tokenizer.model_max_length),
         "build_seconds": build["build_seconds"],

@@ -134,6 +134,7 @@ class FinetuneSpec(_Section):
     penalty_lambda: float = Field(default=1.0, gt=0)
     inner_steps: int = Field(default=1, ge=1)
     upper_every: int = Field(default=1, ge=1)
+    gap_every: int = Field(default=1, ge=1)
     checkpoint_every: int = Field(default=200, ge=1)
 
 

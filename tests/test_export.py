@@ -122,7 +122,8 @@ def test_weight_only_int8_dequantizes_to_the_weights():
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
     graph = onnx.helper.make_graph([onnx.helper.make_node("Conv", ["x", "w"], ["y"])], "g", [x], [y],
                                    [numpy_helper.from_array(w, "w")])
-    model = weight_only_int8(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9))
+    opset = [onnx.helper.make_opsetid("", 17)]
+    model = weight_only_int8(onnx.helper.make_model(graph, opset_imports=opset, ir_version=9))
     import onnxruntime as ort
 
     feed = np.random.default_rng(1).standard_normal((1, 8, 5, 5)).astype(np.float32)

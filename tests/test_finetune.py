@@ -68,6 +68,14 @@ def test_bilevel_penalty_reaches_the_penalised_optimum(lam, b_star):
     assert 0 < first.a.item() and first.b.item() < first.a.item()  # the first step already trades b off
 
 
+def test_phi_measures_the_gap_without_steering_theta():
+    every, sparse = run_toy("bilevel-penalty", steps=40, penalty_lambda=3.0)[:2], run_toy(
+        "bilevel-penalty", steps=40, penalty_lambda=3.0, gap_every=7)[:2]
+    assert every[0].b.item() == sparse[0].b.item() and every[0].a.item() == sparse[0].a.item()
+    figures = run_toy("bilevel-penalty", steps=15, gap_every=7)[2]
+    assert [i for i, f in enumerate(figures) if "gap" in f] == [0, 7, 14]
+
+
 def test_bilevel_alternating_fixed_point():
     # lower then upper SGD steps on b with lr 0.1: b = 0.64 b - 0.04  =>  b = -1/9
     model, _, figures = run_toy("bilevel-alternating", upper_every=1)
@@ -147,12 +155,17 @@ def test_unlearning_solver_without_concepts(setup, tmp_path):
         Trainer(teacher, student, recipe, tmp_path)
 
 
-def test_two_cpu_ranks_take_identical_steps(short_pipeline_dir, tmp_path):
+@pytest.mark.parametrize("launcher", [
+    ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+    # on CPUs `--cpu --num_processes 2` starts one process; --multi_gpu with Accelerator(cpu=True) starts two
+    ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29534"],
+], ids=["torchrun", "accelerate"])
+def test_two_cpu_ranks_take_identical_steps(short_pipeline_dir, tmp_path, launcher):
     import subprocess
     import sys
 
     script = ROOT / "tests" / "two_rank_train.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, *launcher,
            str(script), str(short_pipeline_dir), str(ROOT / "recipes" / "tiny-shapes.yaml"), str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Run by tests/test_finetune.py under torch.distributed.run with two CPU ranks."""
+"""Run by tests/test_finetune.py with two CPU ranks (under torch.distributed.run or accelerate launch)."""
 
 import hashlib
 import sys

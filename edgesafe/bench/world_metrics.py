@@ -9,7 +9,7 @@ These are the metric plug-ins later stages (fine-tuning, bench) use for the zoo 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -89,19 +89,20 @@ def evaluate_pipeline(
     seeds: Sequence[int],
     steps: int = 20,
     guidance_scale: float = 5.0,
-    reference_features: torch.Tensor | None = None,
+    references: Mapping[str, torch.Tensor] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Every world figure of ``pipe``: prompt accuracy on wanted prompts, the unwanted-concept rate
-    of each concept on direct and paraphrase prompts, and FID against ``reference_features``."""
+    of each concept on direct and paraphrase prompts, and ``fid_vs_<name>`` against each of the
+    ``references`` (evaluator features, e.g. of real images or of the teacher's generations)."""
     gen = dict(seeds=seeds, steps=steps, guidance_scale=guidance_scale)
     wanted = world.wanted_prompts()
     images = generate(pipe, [p.text for p in wanted], progress=progress, **gen)
     names, features = evaluator.classify(images)
-    result: dict = {"prompt_accuracy": prompt_accuracy(names, wanted, len(seeds)),
+    result: dict = {"features": features, "prompt_accuracy": prompt_accuracy(names, wanted, len(seeds)),
                     "generations": len(images), "concepts": {}}
-    if reference_features is not None:
-        result["fid"] = frechet_distance(features, reference_features)
+    for ref_name, ref_features in (references or {}).items():
+        result[f"fid_vs_{ref_name}"] = frechet_distance(features, ref_features)
     for name, concept in world.UNWANTED.items():
         rates = {}
         for kind, paraphrase in (("direct", False), ("paraphrase", True)):

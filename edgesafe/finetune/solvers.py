@@ -5,9 +5,11 @@ Registry ``SOLVERS`` keyed by the recipe's ``finetune.solver``:
 - ``kd``: the lower level only (distillation + denoising), the baseline that carries concepts over;
 - ``two-stage``: ``kd`` for every lower step, then erase steps with the upper objective alone;
 - ``bilevel-penalty`` (Shirkavand et al., CVPR 2025): min_theta max_phi L_un(theta) +
-  lambda * (L_ft(theta) - L_ft(phi)); phi, a copy of the student, takes K steps on L_ft per outer
-  step (it tracks min L_ft, so the penalty is theta's distillation gap), then theta descends the
-  penalised objective, the unlearning gradient reaching only the concept's parameter subset;
+  lambda * (L_ft(theta) - L_ft(phi)); phi, a copy of the student, takes K steps on L_ft (it tracks
+  min L_ft, so the penalty is theta's distillation gap), then theta descends the penalised
+  objective, the unlearning gradient reaching only the concept's parameter subset. L_ft(phi) does
+  not depend on theta, so phi never changes theta's update: it only measures the gap, and
+  ``gap_every`` runs phi's K steps (and the gap) every N outer steps to save their cost;
 - ``bilevel-alternating`` (the authors' released variant): one model, a lower step every
   iteration and an upper step every N iterations, each with its own optimizer.
 """
@@ -49,6 +51,7 @@ class Solver:
     penalty_lambda: float = 1.0
     inner_steps: int = 1
     upper_every: int = 1
+    gap_every: int = 1
     lower_steps: int = 0
     sync: GradSync = no_sync
     """Averages an optimizer's gradients over ranks before it steps (set by the trainer)."""
@@ -93,10 +96,12 @@ class TwoStage(Solver):
 class BilevelPenalty(Solver):
     def step(self, i: int, losses: StepLosses) -> dict[str, float]:
         assert self.phi is not None and self.phi_opt is not None and losses.upper is not None
-        for _ in range(self.inner_steps):  # phi approaches argmin L_ft, warm-started
-            self._descend(self.phi_opt, losses.lower(self.phi))
-        with torch.no_grad():
-            phi_value = losses.lower(self.phi)
+        phi_value = None
+        if i % self.gap_every == 0:
+            for _ in range(self.inner_steps):  # phi approaches argmin L_ft, warm-started
+                self._descend(self.phi_opt, losses.lower(self.phi))
+            with torch.no_grad():
+                phi_value = losses.lower(self.phi).item()
         lower = losses.lower(self.student)
         upper = losses.upper(self.student)
         params = [p for group in self.lower_opt.param_groups for p in group["params"]]
@@ -109,9 +114,11 @@ class BilevelPenalty(Solver):
             p.grad = (g if g is not None else torch.zeros_like(p)) + (gu if gu is not None else 0)
         self.sync(self.lower_opt)
         self.lower_opt.step()
-        gap = lower.item() - phi_value.item()
-        return {"lower": lower.item(), "upper": upper.item(), "phi_lower": phi_value.item(), "gap": gap,
-                "objective": upper.item() + self.penalty_lambda * gap}
+        figures = {"lower": lower.item(), "upper": upper.item()}
+        if phi_value is not None:
+            gap = lower.item() - phi_value
+            figures.update(phi_lower=phi_value, gap=gap, objective=upper.item() + self.penalty_lambda * gap)
+        return figures
 
 
 class BilevelAlternating(Solver):

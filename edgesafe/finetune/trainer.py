@@ -103,7 +103,7 @@ class Trainer:
         self.solver: Solver = SOLVERS[ft.solver](
             student=student, upper_params=upper_params, lower_opt=lower_opt, upper_opt=upper_opt, phi=phi,
             phi_opt=phi_opt, penalty_lambda=ft.penalty_lambda, inner_steps=ft.inner_steps,
-            upper_every=ft.upper_every, lower_steps=ft.steps,
+            upper_every=ft.upper_every, gap_every=ft.gap_every, lower_steps=ft.steps,
         )
         if self.accelerator.num_processes > 1:
             self.solver.sync = self._all_reduce_grads

@@ -1,12 +1,13 @@
 """Train the tiny-shapes teacher pipeline and its evaluator from scratch, on the CPU, resumably.
 
-Three phases, each a loop that checkpoints to ``work/<phase>/checkpoint.safetensors`` (weights,
+Four phases, each a loop that checkpoints to ``work/<phase>/checkpoint.safetensors`` (weights,
 EMA weights, optimizer state and step in one atomic file) and resumes from it:
 
 1. ``evaluator``: the object / colour / style classifier;
 2. ``vae``: an ``AutoencoderKL`` (32x32x3 <-> 8x8x8), whose latent scale is measured afterwards;
 3. ``diffusion``: a ``CLIPTextModel`` and a ``UNet2DConditionModel`` trained jointly with the
-   denoising loss (min-SNR weighted), captions dropped 10% of the time for guidance.
+   denoising loss (min-SNR weighted), captions dropped 10% of the time for guidance;
+4. ``refine``: the same objective from the diffusion phase's EMA weights, a second cosine cycle.
 
 Every batch is drawn from a generator seeded by (seed, phase, step), so a resumed build equals
 an uninterrupted one, and the same seed rebuilds the same weights.
