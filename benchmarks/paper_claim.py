@@ -1,7 +1,8 @@
 """The paper's claim on tiny-shapes: one-phase bilevel fine-tuning removes the unwanted concepts from a
 pruned student better than distill-then-erase, at the quality of plain distillation.
 
-    python benchmarks/paper_claim.py [--seeds 3] [--steps 300] [--out benchmarks/results/paper_claim.json]
+    python benchmarks/paper_claim.py [--seeds 3] [--steps 250] [--methods ...] [--set KEY=VALUE ...]
+                                     [--out benchmarks/results/paper_claim.json]
 
 The teacher is pruned once to the recipe's budget; then, for each seed, every method fine-tunes a copy
 of the pruned student for the same number of lower-level steps on data without the unwanted concepts
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from edgesafe.bench.world_metrics import evaluate_pipeline, real_images
 from edgesafe.finetune.trainer import Trainer
@@ -72,14 +74,17 @@ def targets_of(methods: dict[str, dict], name: str) -> dict[str, bool]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=300, help="lower-level steps of every method")
+    parser.add_argument("--steps", type=int, default=250, help="lower-level steps of every method")
     parser.add_argument("--eval-seeds", type=int, default=2, help="generations per prompt")
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for every method, e.g. finetune.penalty_lambda=3")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "paper_claim.json")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    base = {"finetune.steps": args.steps, "finetune.checkpoint_every": args.steps * 10}
+    base = {"finetune.steps": args.steps, "finetune.checkpoint_every": args.steps * 10,
+            **{k: yaml.safe_load(v) for k, v in (pair.split("=", 1) for pair in args.set)}}
     recipe = load_recipe(RECIPE, overrides=base)
     evaluator = load_evaluator(recipe.model.evaluator)
     teacher = load_pipeline(recipe.model.source)

@@ -64,9 +64,6 @@ class _Reader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
 
-    def rewind(self) -> None:  # pragma: no cover - required by newer onnxruntime readers only
-        pass
-
 
 def _prepared(path: Path, tmp: Path) -> Path:
     """The model after onnxruntime's pre-processing (symbolic shape inference skipped: it fails on UNets)."""
