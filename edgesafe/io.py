@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: Path, *, copy_from: Path | None = None) -> Iterator[Path]:
+    """Yield ``<path>.partial`` (empty, or a copy of ``copy_from``); on success it replaces ``path``
+    whole, on failure it is removed and ``path`` is left as it was."""
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if copy_from is not None:
+        shutil.copytree(copy_from, partial)
+    else:
+        partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    partial.rename(path)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -28,6 +28,7 @@ from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from ..errors import EdgesafeError
+from ..io import atomic_dir
 from .onnx import folder_bytes, image_shape, latent_shape
 
 SWIFT_LATENT_SCALE = 0.18215  # hard-coded in the Swift decoder
@@ -146,40 +147,23 @@ COMPRESSED = ("Unet", "TextEncoder")  # the packages a weight quantizer rewrites
 def export_coreml(pipe: StableDiffusionPipeline, out: Path) -> Path:
     """Convert every component of ``pipe`` to ``out/<Name>.mlpackage`` (fp16 compute; ``out`` replaced
     whole once all succeed)."""
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with atomic_dir(Path(out)) as partial:
         for name, (factory, inputs, outputs) in _specs(pipe).items():
             _convert(factory(), inputs, outputs).save(str(partial / f"{name}.mlpackage"))
         pipe.tokenizer.save_vocabulary(str(partial))
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
-    return out
+    return Path(out)
 
 
 def quantize_coreml(src: Path, dst: Path, method: str) -> Path:
     """Copy the Core ML export ``src`` to ``dst`` with ``method`` applied to the UNet and text encoder."""
     import coremltools as ct
 
-    partial = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(src, partial)
-    try:
+    with atomic_dir(dst, copy_from=src) as partial:
         for name in COMPRESSED:
             path = partial / f"{name}.mlpackage"
             model = COREML_QUANTIZERS[method](ct.models.MLModel(str(path), skip_model_load=True))
             shutil.rmtree(path)
             model.save(str(path))
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(dst, ignore_errors=True)
-    partial.rename(dst)
     return dst
 
 

@@ -8,7 +8,6 @@ VAE's spatial axes), and a component over 2 GB keeps its weights in ``model.onnx
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from ..errors import EdgesafeError
+from ..io import atomic_dir
 
 PROTO_LIMIT = 2**31 - 1  # protobuf's hard limit on one serialized message
 EXTERNAL_DATA = "model.onnx_data"
@@ -174,25 +174,17 @@ def export_onnx(
     pipe: StableDiffusionPipeline, out: Path, *, opset: int = 17, external_over: int = PROTO_LIMIT,
 ) -> Path:
     """Export every component of ``pipe`` to ``out`` (replaced whole, only once the export succeeded)."""
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     try:
-        for name in COMPONENTS:
-            export_component(pipe, name, partial / name, opset=opset, external_over=external_over)
-        pipe.tokenizer.save_pretrained(partial / "tokenizer")
-        pipe.scheduler.save_pretrained(partial / "scheduler")
-        pipe.save_config(partial)  # model_index.json, as optimum's exporter writes it
-    except Exception as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(exc, (RuntimeError, ValueError, onnx.checker.ValidationError)):
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise EdgesafeError(f"ONNX export failed: {first}") from None
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
-    return out
+        with atomic_dir(Path(out)) as partial:
+            for name in COMPONENTS:
+                export_component(pipe, name, partial / name, opset=opset, external_over=external_over)
+            pipe.tokenizer.save_pretrained(partial / "tokenizer")
+            pipe.scheduler.save_pretrained(partial / "scheduler")
+            pipe.save_config(partial)  # model_index.json, as optimum's exporter writes it
+    except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EdgesafeError(f"ONNX export failed: {first}") from None
+    return Path(out)
 
 
 def onnx_files(folder: Path) -> dict[str, Path]:

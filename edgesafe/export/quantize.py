@@ -15,7 +15,6 @@ Core ML variants (linear INT8, palettization) live in :mod:`edgesafe.export.core
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from onnx import helper, numpy_helper
 
+from ..io import atomic_dir
 from .onnx import latent_shape, onnx_files, save_onnx
 
 Calibration = list[dict[str, np.ndarray]]
@@ -167,14 +167,6 @@ ONNX_QUANTIZERS: dict[str, Callable[[Path, Calibration], None]] = {
 
 def quantize_folder(src: Path, dst: Path, method: str, calibration: Calibration) -> Path:
     """Copy the fp32 export ``src`` to ``dst`` and apply ``method`` there; ``dst`` appears only when done."""
-    partial = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(src, partial)
-    try:
+    with atomic_dir(dst, copy_from=src) as partial:
         ONNX_QUANTIZERS[method](partial, calibration)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(dst, ignore_errors=True)
-    partial.rename(dst)
     return dst
