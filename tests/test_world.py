@@ -28,6 +28,19 @@ def test_fine_tuning_split_excludes_unwanted_concepts():
     assert world.HEADS["style"].index("checkerboard") not in labels[:, 2]
 
 
+def test_oversampling_raises_the_share_of_the_named_values():
+    def shares(**kw):
+        _, _, labels = world.sample_batch(3000, np.random.default_rng(5), **kw)
+        return (np.mean(labels[:, 0] == world.HEADS["object"].index("star")),
+                np.mean(labels[:, 2] == world.HEADS["style"].index("checkerboard")))
+
+    star, checker = shares()
+    assert abs(star - 0.2) < 0.03 and abs(checker - 0.2) < 0.03
+    # weights 9 (both), 3 (one), 1 (neither): each value's share is (6*9 + 24*3) / 294
+    star, checker = shares(oversample=("star", "checkerboard"), factor=3.0)
+    assert abs(star - 126 / 294) < 0.03 and abs(checker - 126 / 294) < 0.03
+
+
 def test_paraphrase_words_are_held_out_from_unlearning_prompts():
     for name, concept in world.UNWANTED.items():
         direct = " ".join(p.text for p in world.concept_prompts(name))

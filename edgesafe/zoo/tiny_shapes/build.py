@@ -1,13 +1,15 @@
 """Train the tiny-shapes teacher pipeline and its evaluator from scratch, on the CPU, resumably.
 
-Four phases, each a loop that checkpoints to ``work/<phase>/checkpoint.safetensors`` (weights,
+Five phases, each a loop that checkpoints to ``work/<phase>/checkpoint.safetensors`` (weights,
 EMA weights, optimizer state and step in one atomic file) and resumes from it:
 
 1. ``evaluator``: the object / colour / style classifier;
 2. ``vae``: an ``AutoencoderKL`` (32x32x3 <-> 8x8x8), whose latent scale is measured afterwards;
 3. ``diffusion``: a ``CLIPTextModel`` and a ``UNet2DConditionModel`` trained jointly with the
    denoising loss (min-SNR weighted), captions dropped 10% of the time for guidance;
-4. ``refine``: the same objective from the diffusion phase's EMA weights, a second cosine cycle.
+4. ``refine``: the same objective from the diffusion phase's EMA weights, a second cosine cycle;
+5. ``focus``: a third cycle whose batches hold the unwanted concepts ``focus_factor`` times as
+   often, so the teacher knows them as well as a large model knows what is common in its data.
 
 Every batch is drawn from a generator seeded by (seed, phase, step), so a resumed build equals
 an uninterrupted one, and the same seed rebuilds the same weights.
@@ -47,8 +49,9 @@ ProgressFn = Callable[[str, int, int, float], None]
 class Schedule:
     """How long each phase trains. ``full`` makes the committed weights: the diffusion phase, then a
     second, warm-restarted cosine cycle (``refine``) that the unwanted concepts needed (after the first
-    cycle the teacher drew checkerboards as stripes and stars as crosses); ``short`` proves the builder
-    runs end to end."""
+    cycle the teacher drew checkerboards as stripes and stars as crosses), then a third (``focus``)
+    over-representing them (after ``refine`` a quarter of its stars still had four arms); ``short``
+    proves the builder runs end to end."""
 
     evaluator_steps: int = 1500
     evaluator_batch: int = 128
@@ -58,6 +61,9 @@ class Schedule:
     diffusion_batch: int = 64
     refine_steps: int = 4000
     refine_lr: float = 3e-4
+    focus_steps: int = 4000
+    focus_lr: float = 2e-4
+    focus_factor: float = 3.0
     checkpoint_every: int = 200
 
 
@@ -65,7 +71,7 @@ SCHEDULES = {
     "full": Schedule(),
     "short": Schedule(
         evaluator_steps=4, evaluator_batch=8, vae_steps=4, vae_batch=4, diffusion_steps=4, diffusion_batch=4,
-        refine_steps=2, checkpoint_every=2,
+        refine_steps=2, focus_steps=2, checkpoint_every=2,
     ),
 }
 
@@ -237,9 +243,10 @@ def build(
     noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     snr = noise_scheduler.alphas_cumprod / (1 - noise_scheduler.alphas_cumprod)
 
-    def diffusion_loss(phase: int, step: int) -> torch.Tensor:
+    def diffusion_loss(phase: int, step: int, oversample: tuple[str, ...] = ()) -> torch.Tensor:
         rng, gen = _rngs(seed, phase, step)
-        images, captions, _ = world.sample_batch(s.diffusion_batch, rng)
+        images, captions, _ = world.sample_batch(s.diffusion_batch, rng, oversample=oversample,
+                                                 factor=s.focus_factor)
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
             latents = vae.encode(torch.from_numpy(images)).latent_dist.sample(generator=gen) * vae.config.scaling_factor
@@ -259,6 +266,9 @@ def build(
     timed("refine", lambda: _train(work / "refine", modules, s.refine_lr, s.refine_steps,
                                    lambda step: diffusion_loss(5, step), every=s.checkpoint_every,
                                    ema_decay=0.999, progress=progress))
+    timed("focus", lambda: _train(work / "focus", modules, s.focus_lr, s.focus_steps,
+                                  lambda step: diffusion_loss(6, step, tuple(world.UNWANTED)),
+                                  every=s.checkpoint_every, ema_decay=0.999, progress=progress))
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

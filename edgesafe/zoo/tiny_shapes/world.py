@@ -187,11 +187,25 @@ def all_attributes(*, exclude: tuple[str, ...] = ()) -> list[Attributes]:
 
 
 def sample_batch(
-    n: int, rng: np.random.Generator, *, exclude: tuple[str, ...] = (), partial: bool = True
+    n: int,
+    rng: np.random.Generator,
+    *,
+    exclude: tuple[str, ...] = (),
+    partial: bool = True,
+    oversample: tuple[str, ...] = (),
+    factor: float = 1.0,
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """``n`` images (N,3,H,W in [-1, 1]), their captions and (N,3) integer labels."""
+    """``n`` images (N,3,H,W in [-1, 1]), their captions and (N,3) integer labels.
+
+    Combinations are drawn uniformly, except that each value in ``oversample`` multiplies the
+    weight of the combinations holding it by ``factor``.
+    """
     pool = all_attributes(exclude=exclude)
-    picks = [pool[i] for i in rng.integers(0, len(pool), size=n)]
+    if oversample:
+        weights = np.asarray([factor ** len({a.object, a.colour, a.style} & set(oversample)) for a in pool])
+        picks = [pool[i] for i in rng.choice(len(pool), size=n, p=weights / weights.sum())]
+    else:
+        picks = [pool[i] for i in rng.integers(0, len(pool), size=n)]
     images = np.stack([render(a, rng) for a in picks]).transpose(0, 3, 1, 2) * 2 - 1
     captions = [caption(a, rng, partial=partial) for a in picks]
     labels = np.asarray([a.label() for a in picks], np.int64)
