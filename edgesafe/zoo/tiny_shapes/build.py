@@ -243,10 +243,9 @@ def build(
     noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     snr = noise_scheduler.alphas_cumprod / (1 - noise_scheduler.alphas_cumprod)
 
-    def diffusion_loss(phase: int, step: int, oversample: tuple[str, ...] = ()) -> torch.Tensor:
+    def diffusion_loss(phase: int, step: int, oversample: tuple[str, ...] = (), factor: float = 1.0) -> torch.Tensor:
         rng, gen = _rngs(seed, phase, step)
-        images, captions, _ = world.sample_batch(s.diffusion_batch, rng, oversample=oversample,
-                                                 factor=s.focus_factor)
+        images, captions, _ = world.sample_batch(s.diffusion_batch, rng, oversample=oversample, factor=factor)
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
             latents = vae.encode(torch.from_numpy(images)).latent_dist.sample(generator=gen) * vae.config.scaling_factor
@@ -267,7 +266,7 @@ def build(
                                    lambda step: diffusion_loss(5, step), every=s.checkpoint_every,
                                    ema_decay=0.999, progress=progress))
     timed("focus", lambda: _train(work / "focus", modules, s.focus_lr, s.focus_steps,
-                                  lambda step: diffusion_loss(6, step, tuple(world.UNWANTED)),
+                                  lambda step: diffusion_loss(6, step, tuple(world.UNWANTED), s.focus_factor),
                                   every=s.checkpoint_every, ema_decay=0.999, progress=progress))
 
     pipe = StableDiffusionPipeline(

@@ -202,7 +202,8 @@ def sample_batch(
     """
     pool = all_attributes(exclude=exclude)
     if oversample:
-        weights = np.asarray([factor ** len({a.object, a.colour, a.style} & set(oversample)) for a in pool])
+        named = set(oversample)
+        weights = np.asarray([factor ** len({a.object, a.colour, a.style} & named) for a in pool])
         picks = [pool[i] for i in rng.choice(len(pool), size=n, p=weights / weights.sum())]
     else:
         picks = [pool[i] for i in rng.integers(0, len(pool), size=n)]
