@@ -1,15 +1,14 @@
 """Train the tiny-shapes teacher pipeline and its evaluator from scratch, on the CPU, resumably.
 
-Five phases, each a loop that checkpoints to ``work/<phase>/checkpoint.safetensors`` (weights,
+Phases, each a loop that checkpoints to ``work/<phase>/checkpoint.safetensors`` (weights,
 EMA weights, optimizer state and step in one atomic file) and resumes from it:
 
 1. ``evaluator``: the object / colour / style classifier;
 2. ``vae``: an ``AutoencoderKL`` (32x32x3 <-> 8x8x8), whose latent scale is measured afterwards;
-3. ``diffusion``: a ``CLIPTextModel`` and a ``UNet2DConditionModel`` trained jointly with the
-   denoising loss (min-SNR weighted), captions dropped 10% of the time for guidance;
-4. ``refine``: the same objective from the diffusion phase's EMA weights, a second cosine cycle;
-5. ``focus``: a third cycle whose batches hold the unwanted concepts ``focus_factor`` times as
-   often, so the teacher knows them as well as a large model knows what is common in its data.
+3. cycles of the denoising loss (min-SNR weighted) over a ``CLIPTextModel`` and a
+   ``UNet2DConditionModel``, captions dropped 10% of the time for guidance; each cycle is a cosine
+   schedule warm-restarted from the previous cycle's EMA weights, and may draw chosen concepts
+   more often (see ``Schedule``).
 
 Every batch is drawn from a generator seeded by (seed, phase, step), so a resumed build equals
 an uninterrupted one, and the same seed rebuilds the same weights.
@@ -23,6 +22,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,32 +46,52 @@ ProgressFn = Callable[[str, int, int, float], None]
 
 
 @dataclass(frozen=True)
+class Cycle:
+    """One warm-restarted cosine cycle of the denoising objective over the text encoder and UNet.
+
+    Batches draw combinations holding a value in ``oversample`` ``factor`` times as often."""
+
+    name: str
+    steps: int
+    lr: float
+    oversample: tuple[str, ...] = ()
+    factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        known = {value for table in world.WORDS.values() for value in table}
+        if unknown := set(self.oversample) - known:
+            raise ValueError(f"cycle {self.name!r} oversamples unknown values {sorted(unknown)}")
+
+
+@dataclass(frozen=True)
 class Schedule:
-    """How long each phase trains. ``full`` makes the committed weights: the diffusion phase, then a
-    second, warm-restarted cosine cycle (``refine``) that the unwanted concepts needed (after the first
-    cycle the teacher drew checkerboards as stripes and stars as crosses), then a third (``focus``)
-    over-representing them (after ``refine`` a quarter of its stars still had four arms); ``short``
-    proves the builder runs end to end."""
+    """How long each phase trains. ``full`` makes the committed weights: after the first cycle
+    (``diffusion``) the teacher drew checkerboards as stripes and stars as crosses, so a second cycle
+    (``refine``) follows, then two that over-represent what it still knew least (``focus``: both
+    unwanted concepts; ``star``: the star alone, which after ``focus`` still lost an arm a third of
+    the time); ``short`` proves the builder runs end to end."""
 
     evaluator_steps: int = 1500
     evaluator_batch: int = 128
     vae_steps: int = 2500
     vae_batch: int = 32
-    diffusion_steps: int = 4000
     diffusion_batch: int = 64
-    refine_steps: int = 4000
-    refine_lr: float = 3e-4
-    focus_steps: int = 4000
-    focus_lr: float = 2e-4
-    focus_factor: float = 3.0
+    cycles: tuple[Cycle, ...] = (
+        Cycle("diffusion", 4000, 4e-4),
+        Cycle("refine", 4000, 3e-4),
+        Cycle("focus", 4000, 2e-4, ("checkerboard", "star"), 3.0),
+        Cycle("star", 4000, 2e-4, ("star",), 6.0),
+    )
     checkpoint_every: int = 200
 
 
 SCHEDULES = {
     "full": Schedule(),
     "short": Schedule(
-        evaluator_steps=4, evaluator_batch=8, vae_steps=4, vae_batch=4, diffusion_steps=4, diffusion_batch=4,
-        refine_steps=2, focus_steps=2, checkpoint_every=2,
+        evaluator_steps=4, evaluator_batch=8, vae_steps=4, vae_batch=4, diffusion_batch=4,
+        cycles=tuple(Cycle(c.name, 4 if i == 0 else 2, c.lr, c.oversample, c.factor)
+                     for i, c in enumerate(Schedule().cycles)),
+        checkpoint_every=2,
     ),
 }
 
@@ -259,14 +279,9 @@ def build(
 
     vae.requires_grad_(False)
     modules = {"text_encoder": text_encoder, "unet": unet}
-    timed("diffusion", lambda: _train(work / "diffusion", modules, 4e-4, s.diffusion_steps,
-                                      lambda step: diffusion_loss(4, step), every=s.checkpoint_every,
-                                      ema_decay=0.999, progress=progress))
-    timed("refine", lambda: _train(work / "refine", modules, s.refine_lr, s.refine_steps,
-                                   lambda step: diffusion_loss(5, step), every=s.checkpoint_every,
-                                   ema_decay=0.999, progress=progress))
-    timed("focus", lambda: _train(work / "focus", modules, s.focus_lr, s.focus_steps,
-                                  lambda step: diffusion_loss(6, step, tuple(world.UNWANTED), s.focus_factor),
+    for i, cycle in enumerate(s.cycles):  # phases 4, 5, ...: each cycle draws its own batch stream
+        loss_fn = partial(diffusion_loss, 4 + i, oversample=cycle.oversample, factor=cycle.factor)
+        timed(cycle.name, partial(_train, work / cycle.name, modules, cycle.lr, cycle.steps, loss_fn,
                                   every=s.checkpoint_every, ema_decay=0.999, progress=progress))
 
     pipe = StableDiffusionPipeline(
