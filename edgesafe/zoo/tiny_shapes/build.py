@@ -21,7 +21,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -58,8 +58,7 @@ class Cycle:
     factor: float = 1.0
 
     def __post_init__(self) -> None:
-        known = {value for table in world.WORDS.values() for value in table}
-        if unknown := set(self.oversample) - known:
+        if unknown := set(self.oversample) - {v for values in world.HEADS.values() for v in values}:
             raise ValueError(f"cycle {self.name!r} oversamples unknown values {sorted(unknown)}")
 
 
@@ -79,7 +78,7 @@ class Schedule:
     cycles: tuple[Cycle, ...] = (
         Cycle("diffusion", 4000, 4e-4),
         Cycle("refine", 4000, 3e-4),
-        Cycle("focus", 4000, 2e-4, ("checkerboard", "star"), 3.0),
+        Cycle("focus", 4000, 2e-4, tuple(world.UNWANTED), 3.0),
         Cycle("star", 4000, 2e-4, ("star",), 6.0),
     )
     checkpoint_every: int = 200
@@ -89,8 +88,7 @@ SCHEDULES = {
     "full": Schedule(),
     "short": Schedule(
         evaluator_steps=4, evaluator_batch=8, vae_steps=4, vae_batch=4, diffusion_batch=4,
-        cycles=tuple(Cycle(c.name, 4 if i == 0 else 2, c.lr, c.oversample, c.factor)
-                     for i, c in enumerate(Schedule().cycles)),
+        cycles=tuple(replace(c, steps=4 if i == 0 else 2) for i, c in enumerate(Schedule().cycles)),
         checkpoint_every=2,
     ),
 }
