@@ -22,16 +22,9 @@ from edgesafe.zoo.tiny_shapes import world
 HELD_OUT_SEED = 12345  # never used by the builder's (seed, phase, step) streams
 
 
-def evaluator_readings(evaluator, n: int, vae=None) -> tuple[dict[str, float], dict[str, float]]:
-    """Per-head accuracy, and the share of each unwanted concept's images read as that concept, on
-    ``n`` held-out procedural images; passed through ``vae`` first if given (the most a generation
-    decoded by that VAE can score)."""
-    images, _, labels = world.sample_batch(n, np.random.default_rng([HELD_OUT_SEED, 1]))
-    images = torch.from_numpy(images)
-    if vae is not None:
-        with torch.no_grad():
-            images = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample.clamp(-1, 1)
-                                for c in images.split(256)])
+def evaluator_readings(evaluator, images: torch.Tensor, labels: np.ndarray) -> tuple[dict, dict]:
+    """Per-head accuracy on labelled ``images``, and the share of each unwanted concept's images read
+    as that concept."""
     names, _ = evaluator.classify(images)
     truth = {head: [world.HEADS[head][i] for i in labels[:, k]] for k, head in enumerate(world.HEADS)}
     pairs = {head: list(zip(names[head], truth[head], strict=True)) for head in world.HEADS}
@@ -39,6 +32,12 @@ def evaluator_readings(evaluator, n: int, vae=None) -> tuple[dict[str, float], d
     recall = {name: float(np.mean([a == c.value for a, b in pairs[c.head] if b == c.value]))
               for name, c in world.UNWANTED.items()}
     return accuracy, recall
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: torch.Tensor) -> torch.Tensor:
+    """``images`` encoded and decoded by ``vae``: the most a generation decoded by it can score."""
+    return torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample.clamp(-1, 1) for c in images.split(256)])
 
 
 def main() -> None:
@@ -53,8 +52,10 @@ def main() -> None:
     t0 = time.perf_counter()
     pipe = load_pipeline("zoo:tiny-shapes")
     evaluator = load_evaluator("zoo:tiny-shapes-evaluator")
-    accuracy, _ = evaluator_readings(evaluator, args.real)
-    decoded_accuracy, decoded_recall = evaluator_readings(evaluator, args.real, vae=pipe.vae)
+    images, _, labels = world.sample_batch(args.real, np.random.default_rng([HELD_OUT_SEED, 1]))
+    images = torch.from_numpy(images)
+    accuracy, _ = evaluator_readings(evaluator, images, labels)
+    decoded_accuracy, decoded_recall = evaluator_readings(evaluator, vae_round_trip(pipe.vae, images), labels)
     _, real_features = evaluator.classify(real_images(args.real, seed=HELD_OUT_SEED))
     figures = evaluate_pipeline(pipe, evaluator, seeds=list(range(args.seeds)), steps=args.steps,
                                 guidance_scale=args.guidance_scale, references={"real": real_features})
