@@ -47,8 +47,9 @@ STEPS, GUIDANCE = 20, 5.0
 def medium_pipeline():
     pipe = load_pipeline("zoo:tiny-shapes")
     torch.manual_seed(0)
+    channels = pipe.vae.config.latent_channels
     pipe.unet = UNet2DConditionModel(
-        sample_size=32, in_channels=8, out_channels=8, down_block_types=("CrossAttnDownBlock2D",) * 3,
+        sample_size=32, in_channels=channels, out_channels=channels, down_block_types=("CrossAttnDownBlock2D",) * 3,
         up_block_types=("CrossAttnUpBlock2D",) * 3, block_out_channels=(96, 144, 144), layers_per_block=1,
         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
     ).eval()

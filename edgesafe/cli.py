@@ -335,19 +335,21 @@ def zoo_list() -> None:
 def zoo_build(
     name: Annotated[str, typer.Argument(help="Zoo entry to build (tiny-shapes builds its evaluator too).")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write (default: the package's zoo).")] = None,
-    work: Annotated[Path | None, typer.Option(help="Checkpoint folder; a rerun resumes from it.")] = None,
+    work: Annotated[Path | None, typer.Option(help=(
+        "Checkpoint folder; a rerun resumes from it "
+        "(default: ~/.cache/edgesafe/build/, named by seed, schedule and architecture)."))] = None,
     seed: int = 0,
     schedule: Annotated[str, typer.Option(help="full (the shipped weights) or short (a smoke test).")] = "full",
 ) -> None:
     """Train an embedded model from scratch, resumably, and write it into the zoo."""
     from .zoo import WEIGHTS_DIR
-    from .zoo.tiny_shapes.build import SCHEDULES, build
+    from .zoo.tiny_shapes.build import SCHEDULES, architecture_id, build
 
     if name != "tiny-shapes":
         raise EdgesafeError(f"zoo build knows only 'tiny-shapes' (got {name!r})")
     if schedule not in SCHEDULES:
         raise EdgesafeError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
-    work = work or Path.home() / ".cache" / "edgesafe" / "build" / f"{name}-{seed}-{schedule}"
+    work = work or Path.home() / ".cache" / "edgesafe" / "build" / f"{name}-{seed}-{schedule}-{architecture_id()}"
     with out.progress() as progress:
         info = build(out_dir or WEIGHTS_DIR, work=work, seed=seed, schedule=SCHEDULES[schedule],
                      progress=lambda phase, step, total, loss: progress(phase, step, total))

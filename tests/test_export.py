@@ -23,7 +23,7 @@ from edgesafe.export import (
     quantize_folder,
     validate_coreml,
 )
-from edgesafe.export.onnx import export_component
+from edgesafe.export.onnx import export_component, latent_shape
 from edgesafe.export.parity import check_parity, component_parity, generate_pair, psnr_db
 from edgesafe.export.quantize import unet_calibration, weight_only_int8
 from edgesafe.export.runtime import session
@@ -59,7 +59,7 @@ def test_layout_is_optimums_and_its_pipeline_generates_the_same_image(pipe, onnx
         assert (onnx_dir / name / "model.onnx").is_file() and (onnx_dir / name / "config.json").is_file()
     assert json.loads((onnx_dir / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     ort_pipe = ORTStableDiffusionPipeline.from_pretrained(onnx_dir, local_files_only=True)
-    latents = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(3))
+    latents = torch.randn(latent_shape(pipe, 1), generator=torch.Generator().manual_seed(3))
     kwargs = dict(num_inference_steps=6, guidance_scale=5.0, output_type="np")
     got = ort_pipe("a green triangle with dots", latents=latents.clone(), **kwargs).images
     ref = pipe("a green triangle with dots", latents=latents.clone(), **kwargs).images
@@ -72,11 +72,11 @@ def test_bare_sessions_match_pytorch_at_any_batch(pipe, onnx_dir):
     errors = component_parity(pipe, runner)
     assert set(errors) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
     assert all(e["max_abs"] < 1e-3 for e in errors.values()), errors
-    sample = np.random.default_rng(0).standard_normal((3, 8, 8, 8)).astype(np.float32)
+    sample = np.random.default_rng(0).standard_normal(latent_shape(pipe, 3)).astype(np.float32)
     hidden = runner.encode_prompt(["a", "b", "c"])
     out = runner.run("unet", sample=sample, timestep=np.array(10.0), encoder_hidden_states=hidden)[0]
     ref = pipe.unet(torch.from_numpy(sample), 10, torch.from_numpy(hidden)).sample.detach().numpy()
-    assert out.shape == (3, 8, 8, 8) and np.abs(out - ref).max() < 1e-3
+    assert out.shape == latent_shape(pipe, 3) and np.abs(out - ref).max() < 1e-3
     ref_images, images = generate_pair(pipe, runner, steps=5)
     assert psnr_db(ref_images, images) > 60
 
@@ -85,7 +85,7 @@ def test_a_pruned_unet_exports_and_matches(pipe, tmp_path):
     student = load_pipeline("zoo:tiny-shapes")
     student.unet = prune_width(student.unet, 0.5, unet_example_inputs(student.unet, batch=2, text_length=8))
     path = export_component(student, "unet", tmp_path / "unet")
-    sample, hidden = torch.randn(2, 8, 8, 8), torch.randn(2, pipe.tokenizer.model_max_length, 64)
+    sample, hidden = torch.randn(latent_shape(pipe, 2)), torch.randn(2, pipe.tokenizer.model_max_length, 64)
     got = session(path).run(None, {"sample": sample.numpy(), "timestep": np.array(700.0, np.float32),
                                    "encoder_hidden_states": hidden.numpy()})[0]
     ref = student.unet(sample, 700, hidden).sample.detach().numpy()
@@ -96,7 +96,7 @@ def test_a_pruned_unet_exports_and_matches(pipe, tmp_path):
 def test_external_data_format_loads(pipe, tmp_path):
     path = export_component(pipe, "vae_decoder", tmp_path / "vae_decoder", external_over=0)
     assert (tmp_path / "vae_decoder" / "model.onnx_data").stat().st_size > path.stat().st_size
-    latents = torch.randn(1, 8, 8, 8)
+    latents = torch.randn(latent_shape(pipe, 1))
     got = session(path).run(None, {"latent_sample": latents.numpy()})[0]
     assert np.abs(got - pipe.vae.decode(latents).sample.detach().numpy()).max() < 1e-3
 
@@ -168,7 +168,7 @@ def coreml_dir(pipe, tmp_path_factory):
 def test_coreml_packages_have_the_swift_pipelines_interface(pipe, coreml_dir):
     report = validate_coreml(pipe, coreml_dir)
     unet = report["packages"]["Unet"]
-    assert unet["inputs"] == {"sample": [2, 8, 8, 8], "timestep": [2],
+    assert unet["inputs"] == {"sample": list(latent_shape(pipe, 2)), "timestep": [2],
                               "encoder_hidden_states": [2, 64, 1, pipe.tokenizer.model_max_length]}
     assert list(unet["outputs"]) == ["noise_pred"] and unet["spec_version"] >= 8
     assert report["packages"]["TextEncoder"]["outputs"].keys() == {"last_hidden_state", "pooled_outputs"}

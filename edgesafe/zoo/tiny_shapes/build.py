@@ -16,6 +16,7 @@ an uninterrupted one, and the same seed rebuilds the same weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -122,6 +123,15 @@ def make_unet() -> UNet2DConditionModel:
         block_out_channels=(64, 96, 96), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
         norm_num_groups=16,
     )
+
+
+def architecture_id() -> str:
+    """A short hash of the VAE, text encoder and UNet configs, so that checkpoints written for
+    another architecture are never resumed."""
+    configs = [dict(make_vae().config), dict(make_unet().config), make_text_encoder(1, 0, 0).config.to_dict()]
+    kept = [{k: v for k, v in c.items() if not k.startswith("_") and not k.endswith("_version")} for c in configs]
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def _lr(base: float, step: int, total: int, warmup: int = 100) -> float:
