@@ -108,7 +108,5 @@ def test_committed_teacher_generates_what_it_is_asked(committed_figures):
 
 
 @needs_zoo
-@pytest.mark.xfail(strict=True, reason="the shipped teacher draws checkerboards every time but stars only about "
-                                       "four times in five (else mostly as crosses), short of 0.9 (issue 3)")
 def test_committed_teacher_knows_the_unwanted_concepts(committed_figures):
     assert committed_figures["concept_rate_direct_min"] >= 0.9
