@@ -9,6 +9,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from .errors import BudgetError, CheckpointError, EdgesafeError, ModelLoadError, RecipeError  # noqa: E402
 from .models.loading import load_evaluator, load_pipeline  # noqa: E402
+from .prune.structure import PrunedUNet2DConditionModel  # noqa: E402
 from .recipe import Recipe, load_recipe  # noqa: E402
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "EdgesafeError",
     "ModelLoadError",
+    "PrunedUNet2DConditionModel",
     "Recipe",
     "RecipeError",
     "__version__",

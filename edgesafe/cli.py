@@ -357,6 +357,32 @@ def zoo_build(
     out.event("built", **info)
 
 
+@zoo_app.command("standin")
+def zoo_standin(
+    arch: Annotated[str, typer.Argument(help="Published architecture: sd-1.5 or sd-2.1-base.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Pipeline folder to write.")],
+    images: Annotated[Path | None, typer.Option(help="Also write a captioned image folder here.")] = None,
+    count: Annotated[int, typer.Option(help="How many captioned images.")] = 24,
+    size: Annotated[int, typer.Option(help="Their size in pixels.")] = 256,
+    seed: int = 0,
+) -> None:
+    """Write a random-weight pipeline of a published SD architecture (no download), for trying the
+    real-size path: every stage runs on it as on the real model, with meaningless images."""
+    from .models.architectures import UNET_CONFIGS
+    from .models.standin import write_captioned_images, write_standin
+
+    if arch not in UNET_CONFIGS:
+        raise EdgesafeError(f"unknown architecture {arch!r}; known: {', '.join(UNET_CONFIGS)}")
+    if count < 1 or size < 8:
+        raise EdgesafeError("--count must be at least 1 and --size at least 8")
+    write_standin(arch, out_dir, seed=seed)
+    out.say(f"wrote a random-weight {arch} pipeline -> {out_dir}")
+    if images is not None:
+        write_captioned_images(images, count=count, size=size, seed=seed)
+        out.say(f"wrote {count} captioned images ({size} px) -> {images}")
+    out.event("standin", arch=arch, folder=str(out_dir), images=str(images) if images else None)
+
+
 def run() -> None:
     """Console-script entry point: user errors become one line and exit code 2."""
     try:
@@ -372,10 +398,8 @@ def run() -> None:
     except KeyboardInterrupt:
         out.error("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):  # click usage errors
             exc.show()
             sys.exit(exc.exit_code)
         raise

@@ -62,7 +62,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save ``tensors`` as safetensors, atomically (contiguous, de-aliased copies)."""
-    clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(clean, str(tmp), metadata=metadata)
 

@@ -8,6 +8,7 @@ plan shows them and a run says they are not available yet.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -19,10 +20,12 @@ from .bench.latency import measure_unet_ms
 from .devices import get_profile
 from .finetune.curves import save_curves
 from .finetune.losses import DenoisingTask
+from .finetune.memory import peak_gib
 from .finetune.trainer import Trainer
 from .models.loading import load_pipeline, resolve_source
-from .models.stats import count_macs, count_params, param_bytes, unet_example_inputs
-from .prune import accumulate_taylor_gradients, prune_to_budget, save_unet
+from .models.saving import save_student
+from .models.stats import count_macs, count_params, param_bytes, peak_rss_gib
+from .prune import accumulate_taylor_gradients, load_unet, prune_to_budget
 from .recipe import Recipe
 from .runs import Stage, StageContext, fingerprint
 
@@ -62,7 +65,8 @@ TEACHER = Stage(
 )
 
 def budget_measure(recipe: Recipe, *, text_length: int) -> Callable[[UNet2DConditionModel], float]:
-    """The figure a recipe's budget is expressed in, as a function of a UNet."""
+    """The figure a recipe's budget is expressed in, as a function of a UNet (on the ``meta`` device too:
+    a measured latency then runs it with random weights)."""
     metric = recipe.budget.metric
     if metric == "params":
         return count_params
@@ -70,37 +74,70 @@ def budget_measure(recipe: Recipe, *, text_length: int) -> Callable[[UNet2DCondi
         return lambda unet: float(count_macs(unet, batch=2, text_length=text_length))
     profile = get_profile(recipe.device)
     if profile.measured:
-        return lambda unet: measure_unet_ms(unet, batch=2, text_length=text_length)
+        return lambda unet: measure_unet_ms(materialize(unet), batch=2, text_length=text_length)
     return lambda unet: profile.estimate_ms_per_step(count_macs(unet, batch=2, text_length=text_length),
                                                      param_bytes(unet))
 
 
+def materialize(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """``unet`` itself, or for a ``meta``-device UNet a CPU copy with small random weights (for timing)."""
+    if not next(unet.parameters()).is_meta:
+        return unet
+    real = copy.deepcopy(unet).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in real.parameters():
+            p.normal_(0, 0.02, generator=generator)
+    return real
+
+
+CALIBRATION_MICROBATCH = 1
+"""Samples per backward pass in Taylor calibration: the gradient is that of the whole batch, the memory
+that of one sample (with gradient checkpointing), so an SD-size UNet calibrates within a laptop's RAM."""
+
+
 def _taylor_calibration(ctx: StageContext, pipe) -> Callable[[UNet2DConditionModel], None]:
-    """Gradients of the denoising loss on a few fine-tuning batches (Diff-Pruning's importance)."""
+    """Gradients of the denoising loss on a few fine-tuning batches (Diff-Pruning's importance). The
+    batches are encoded now, so the text encoder and VAE can be freed before the gradients are taken."""
     recipe = ctx.recipe
     task = DenoisingTask(pipe)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    batches = data.Batches(recipe, batch_size=min(16, recipe.finetune.batch_size), resolution=size, seed=recipe.seed)
+    batch = min(16, recipe.finetune.batch_size)
+    batches = data.Batches(recipe, batch_size=batch, resolution=data.training_resolution(recipe, pipe),
+                           seed=recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     inputs = [task.inputs(*batches(step), generator) for step in range(recipe.prune.calibration_batches)]
-    return lambda unet: accumulate_taylor_gradients(unet, [lambda u, x=x: task.loss(u, x) for x in inputs])
+    pieces = [{k: v[i:i + CALIBRATION_MICROBATCH] for k, v in x.items()}
+              for x in inputs for i in range(0, batch, CALIBRATION_MICROBATCH)]
+
+    def calibrate(unet: UNet2DConditionModel) -> None:
+        unet.enable_gradient_checkpointing()
+        try:
+            accumulate_taylor_gradients(unet, [lambda u, x=x: DenoisingTask.loss(u, x) * len(x["sample"]) / batch
+                                               for x in pieces],
+                                        progress=lambda done, total: ctx.progress("prune: taylor calibration",
+                                                                                  done, total))
+        finally:
+            unet.disable_gradient_checkpointing()
+
+    return calibrate
 
 
 def _prune(ctx: StageContext) -> dict[str, Any]:
     recipe = ctx.recipe
-    pipe = load_pipeline(recipe.model.source)
+    source = resolve_source(recipe.model.source)
+    pipe = load_pipeline(source)
     text_length = pipe.tokenizer.model_max_length
     round_to = recipe.prune.round_to or get_profile(recipe.device).channel_multiple
+    calibrate = _taylor_calibration(ctx, pipe) if recipe.prune.importance == "taylor" else None
+    unet = pipe.unet
+    del pipe  # the text encoder and VAE are not needed past here
     result = prune_to_budget(
-        pipe.unet, recipe.budget, budget_measure(recipe, text_length=text_length),
-        unet_example_inputs(pipe.unet, batch=1, text_length=text_length), method=recipe.prune.method,
+        unet, recipe.budget, budget_measure(recipe, text_length=text_length), method=recipe.prune.method,
         blocks=recipe.prune.blocks, importance=recipe.prune.importance, round_to=round_to, seed=recipe.seed,
-        calibrate=_taylor_calibration(ctx, pipe) if recipe.prune.importance == "taylor" else None,
-        progress=lambda done, total: ctx.progress("prune: budget search", done, total),
+        calibrate=calibrate, progress=lambda done, total: ctx.progress("prune: budget search", done, total),
     )
-    pipe.unet = result.unet
-    pipe.save_pretrained(ctx.folder, safe_serialization=True)
-    save_unet(result.unet, ctx.folder / "unet")
+    del unet
+    save_student(result.unet, source, ctx.folder)
     figures = unet_figures(result.unet, recipe, text_length=text_length)
     return {
         **figures,
@@ -112,6 +149,7 @@ def _prune(ctx: StageContext) -> dict[str, Any]:
         "teacher_budget_value": result.teacher_value,
         "trials": [{"ratio": round(r, 4), "value": v} for r, v in result.trials],
         "teacher": ctx.previous["teacher"]["figures"],
+        "peak_rss_gib": peak_rss_gib(),
     }
 
 
@@ -127,19 +165,18 @@ PRUNE = Stage(
 def _finetune(ctx: StageContext) -> dict[str, Any]:
     recipe = ctx.recipe
     teacher = load_pipeline(recipe.model.source)
-    student = load_pipeline(ctx.run.root / PRUNE.folder)
-    trainer = Trainer(teacher, student.unet, recipe, ctx.folder)
+    trainer = Trainer(teacher, load_unet(ctx.run.root / PRUNE.folder / "unet"), recipe, ctx.folder)
     result = trainer.run(resume=ctx.resume, checkpoint_every=recipe.finetune.checkpoint_every,
                          progress=lambda done, total: ctx.progress(f"finetune ({recipe.finetune.solver})", done, total))
-    student.unet = result.student
-    student.save_pretrained(ctx.folder / "final", safe_serialization=True)
-    save_unet(result.student, ctx.folder / "final" / "unet")
+    save_student(result.student, ctx.run.root / PRUNE.folder, ctx.folder / "final")
     save_curves(result.curves, ctx.folder)
     tail = result.curves[-10:]
     last = {k: sum(r[k] for r in tail if k in r) / max(1, sum(k in r for r in tail))
             for k in sorted({k for r in tail for k in r if k != "step"})}
     return {"solver": recipe.finetune.solver, "steps": result.steps, "resumed_from": result.resumed_from,
-            "sec_per_step": round(result.seconds_per_step, 4), "final_losses": last}
+            "sec_per_step": round(result.seconds_per_step, 4), "final_losses": last,
+            "device": str(trainer.device), "mixed_precision": recipe.finetune.mixed_precision,
+            "memory_estimate_gib": trainer.memory_estimate.figures(), "peak_memory_gib": peak_gib(trainer.device)}
 
 
 FINETUNE = Stage(

@@ -136,6 +136,11 @@ class FinetuneSpec(_Section):
     upper_every: int = Field(default=1, ge=1)
     gap_every: int = Field(default=1, ge=1)
     checkpoint_every: int = Field(default=200, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast the forward passes and hold the frozen teacher in this precision (the student keeps fp32
+    weights; fp16 scales the loss). fp16 needs a GPU."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's block activations in the backward pass instead of keeping them."""
 
 
 QUANTIZERS = ("int8-ort-dynamic", "int8-ort-static", "int8-nncf", "int8-hybrid",

@@ -1,6 +1,7 @@
 """Solvers on a toy problem with a known answer, and the real training loop: checkpoints, resume, errors."""
 
 import json
+import math
 import os
 import signal
 
@@ -173,3 +174,92 @@ def test_two_cpu_ranks_take_identical_steps(short_pipeline_dir, tmp_path, launch
     assert len(digests) == 2, done.stderr[-2000:]
     assert len(set(digests.values())) == 1  # gradients were averaged: both ranks hold the same weights
     assert (tmp_path / "checkpoints" / "latest.json").is_file()  # written once, by rank 0
+
+
+# --- placement, precision and memory -----------------------------------------------------------
+
+def _own_trainer(short_pipeline_dir, folder, **overrides):
+    """A trainer on its own teacher (the trainer moves and casts its teacher's components)."""
+    teacher = load_pipeline(short_pipeline_dir)
+    student = prune_width(teacher.unet, 0.25, unet_example_inputs(teacher.unet, batch=1, text_length=16))
+    base = {"finetune.steps": 2, "finetune.batch_size": 4, "finetune.checkpoint_every": 100}
+    recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides={**base, **overrides})
+    return Trainer(teacher, student, recipe, folder)
+
+
+def test_a_fine_tune_that_cannot_fit_stops_before_any_work(setup, tmp_path):
+    import copy
+
+    teacher, student, overrides = setup
+    recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml",
+                         overrides={**overrides, "finetune.batch_size": 500_000})
+    with pytest.raises(EdgesafeError, match=r"finetune needs about [\d.]+ GiB on cpu \(.*activations.*\) but"):
+        Trainer(teacher, copy.deepcopy(student), recipe, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_activation_estimate_scales_with_samples_resolution_and_checkpointing(setup):
+    from edgesafe.finetune.memory import activation_bytes
+
+    student = setup[1]
+
+    def acts(**kw):
+        return activation_bytes(student, **{"latent_size": 16, "text_length": 16, "samples": 1,
+                                            "checkpointing": False, **kw})
+
+    one = acts()
+    assert acts(samples=4) == pytest.approx(4 * one, rel=0.02)
+    assert acts(latent_size=32) > 3 * one
+    assert acts(checkpointing=True) < one / 2
+    assert all(p.device.type == "cpu" for p in student.parameters())  # traced on a meta copy
+
+
+def test_gradient_checkpointing_takes_the_same_steps(short_pipeline_dir, tmp_path):
+    plain = _own_trainer(short_pipeline_dir, tmp_path / "plain", **{"finetune.solver": "kd"})
+    ckpt = _own_trainer(short_pipeline_dir, tmp_path / "ckpt",
+                        **{"finetune.solver": "kd", "finetune.gradient_checkpointing": True})
+    assert ckpt.student.is_gradient_checkpointing and not plain.student.is_gradient_checkpointing
+    assert ckpt.memory_estimate.activations < plain.memory_estimate.activations
+    a, b = plain.run(resume=False, checkpoint_every=100), ckpt.run(resume=False, checkpoint_every=100)
+    for (name, x), y in zip(a.student.state_dict().items(), b.student.state_dict().values(), strict=True):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_bf16_mixed_precision_holds_the_teacher_in_half_and_trains_fp32_weights(short_pipeline_dir, tmp_path):
+    trainer = _own_trainer(short_pipeline_dir, tmp_path, **{"finetune.mixed_precision": "bf16"})
+    assert {m.dtype for m in (trainer.teacher, trainer.task.pipe.text_encoder, trainer.task.pipe.vae)} == {
+        torch.bfloat16}
+    result = trainer.run(resume=False, checkpoint_every=100)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in result.student.parameters())
+    assert all(math.isfinite(c["lower"]) and math.isfinite(c["upper"]) for c in result.curves)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_fp16_without_a_gpu_is_a_clear_error(short_pipeline_dir, tmp_path):
+    with pytest.raises(EdgesafeError, match="fp16 needs a CUDA GPU"):
+        _own_trainer(short_pipeline_dir, tmp_path, **{"finetune.mixed_precision": "fp16"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_fine_tuning_runs_on_the_gpu(short_pipeline_dir, tmp_path, precision):
+    trainer = _own_trainer(short_pipeline_dir, tmp_path, **{"finetune.mixed_precision": precision})
+    devices = set()
+    inputs = trainer.task.inputs
+
+    def recording(*args):
+        out = inputs(*args)
+        devices.update(v.device.type for v in out.values())
+        return out
+
+    trainer.task.inputs = recording
+    result = trainer.run(resume=False, checkpoint_every=100)
+    assert devices == {"cuda"}
+    assert all(p.is_cuda for p in result.student.parameters())
+    assert all(p.is_cuda for p in trainer.solver.phi.parameters())
+    assert all(m.device.type == "cuda" for m in (trainer.teacher, trainer.task.pipe.text_encoder,
+                                                 trainer.task.pipe.vae))
+    for opt in (trainer.solver.lower_opt, trainer.solver.upper_opt, trainer.solver.phi_opt):
+        assert all(t.is_cuda for state in opt.state.values() for t in state.values() if torch.is_tensor(t)
+                   and t.dim() > 0)
+    assert all(math.isfinite(c["lower"]) for c in result.curves)

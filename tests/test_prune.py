@@ -1,15 +1,20 @@
+import copy
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention
+from torch.utils.flop_counter import FlopCounterMode
 
 from edgesafe.errors import BudgetError
 from edgesafe.models.architectures import UNET_CONFIGS
-from edgesafe.models.stats import count_macs, count_params, unet_example_inputs
+from edgesafe.models.stats import count_macs, count_params, meta_copy, unet_example_inputs
 from edgesafe.prune import accumulate_taylor_gradients, load_unet, prune_to_budget, prune_width, save_unet
 from edgesafe.prune.blocks import bk_sdm_param_count, remove_blocks
+from edgesafe.prune.budget import trace_inputs
 from edgesafe.prune.structure import SPEC_NAME
+from edgesafe.prune.width import score_channels
 from edgesafe.recipe import Budget
 from edgesafe.zoo.tiny_shapes.build import make_unet
 
@@ -85,20 +90,62 @@ def test_corrupt_structure_is_a_clear_error(unet, inputs, tmp_path):
 
 
 # This UNet's GroupNorms have 4 channels per group at 64 channels, so widths move in quarter steps:
-# params reach 0.51 and MACs 0.26 of the teacher on those steps.
+# params reach 0.51 and MACs (attention counted) 0.28 of the teacher on those steps.
 @pytest.mark.parametrize(("metric", "ratio", "measure"), [
     ("params", 0.5, count_params),
-    ("macs", 0.26, lambda u: float(count_macs(u, batch=2, text_length=16))),
+    ("macs", 0.29, lambda u: float(count_macs(u, batch=2, text_length=16))),
 ])
 def test_budget_search_hits_the_target(unet, inputs, metric, ratio, measure):
-    result = prune_to_budget(unet, Budget(metric=metric, ratio=ratio), measure, inputs)
+    seen = []
+
+    def recording(u):
+        seen.append(next(u.parameters()).device.type)
+        return measure(u)
+
+    own = copy.deepcopy(unet)
+    result = prune_to_budget(own, Budget(metric=metric, ratio=ratio), recording)
     assert abs(result.relative_error) <= 0.05
     assert measure(result.unet) == pytest.approx(result.value)
+    assert seen[0] == "cpu" and set(seen[1:]) == {"meta"}  # the teacher, then weightless trials only
+    assert result.unet is own  # the chosen ratio is applied in place: no second copy of the UNet
+    direct = prune_width(unet, result.ratio, inputs)  # the same channels as pruning the real UNet directly
+    assert all(torch.equal(a, b) for a, b in zip(direct.parameters(), result.unet.parameters(), strict=True))
 
 
 def test_unreachable_budget_names_the_smallest(unet, inputs):
     with pytest.raises(BudgetError, match=r"unreachable: the smallest reachable is .* of the teacher"):
-        prune_to_budget(unet, Budget(metric="params", ratio=0.01), count_params, inputs)
+        prune_to_budget(copy.deepcopy(unet), Budget(metric="params", ratio=0.01), count_params)
+
+
+def test_pruning_traced_small_or_on_meta_matches_full_size(unet, inputs):
+    scores = score_channels(unet, trace_inputs(unet))
+    full = prune_width(unet, 0.4, inputs, round_to=8)
+    small = prune_width(unet, 0.4, trace_inputs(unet), scores=scores, round_to=8)
+    shape = prune_width(meta_copy(unet), 0.4, trace_inputs(meta_copy(unet)), scores=scores, round_to=8)
+    assert all(torch.equal(a, b) for a, b in zip(full.parameters(), small.parameters(), strict=True))
+    assert [p.shape for p in shape.parameters()] == [p.shape for p in full.parameters()]
+    assert all(p.is_meta for p in shape.parameters())
+
+
+def test_macs_count_attention_whatever_the_device(unet):
+    # on the CPU fused attention has no FLOP formula; counting on a meta copy includes it
+    real = count_macs(unet, batch=2, text_length=16)
+    assert real == count_macs(meta_copy(unet), batch=2, text_length=16)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(*unet_example_inputs(unet, batch=2, text_length=16))
+    assert real > counter.get_total_flops() // 2
+
+
+def test_taylor_gradients_accumulate_in_place(unet, inputs):
+    seen = []
+    accumulate_taylor_gradients(unet, [lambda u: u(*inputs).sample.pow(2).mean()] * 3,
+                                progress=lambda done, total: seen.append((done, total)))
+    thrice = [p.grad.clone() for p in unet.parameters()]
+    accumulate_taylor_gradients(unet, [lambda u: u(*inputs).sample.pow(2).mean()])
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert all(torch.allclose(a, 3 * p.grad, rtol=1e-4, atol=1e-7)
+               for a, p in zip(thrice, unet.parameters(), strict=True))
+    unet.zero_grad(set_to_none=True)
 
 
 def test_bk_sdm_sizes_on_the_sd15_architecture():

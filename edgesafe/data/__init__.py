@@ -54,6 +54,12 @@ def _file_samples(recipe: Recipe) -> list[tuple[Path, str]]:
         samples = [(p, t) for p, t in samples if not any(w in t.lower() for w in words)]
     if not samples:
         raise EdgesafeError(f"data.path: {path} has no images with captions")
+    for image, _ in samples:  # headers only: a broken file stops the run before any heavy work
+        try:
+            with Image.open(image):
+                pass
+        except (OSError, UnidentifiedImageError):
+            raise EdgesafeError(f"{image}: not a readable image") from None
     return samples
 
 
@@ -64,6 +70,20 @@ def _load_image(path: Path, size: int) -> np.ndarray:
     except (OSError, UnidentifiedImageError):
         raise EdgesafeError(f"{path}: not a readable image") from None
     return np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1
+
+
+def training_resolution(recipe: Recipe, pipe) -> int:
+    """The image size batches are drawn at: ``data.resolution``, else the model's native size. A size the
+    pipeline cannot take (not a multiple of its VAE factor times the UNet's downsampling) is an error."""
+    unet = pipe.unet.config
+    native = (unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]) * pipe.vae_scale_factor
+    size = recipe.data.resolution or native
+    multiple = pipe.vae_scale_factor * 2 ** (len(unet.down_block_types) - 1)
+    if size % multiple:
+        raise EdgesafeError(f"data.resolution: {size} px is not a multiple of {multiple} px, which this model "
+                            f"needs (VAE factor {pipe.vae_scale_factor} x UNet downsampling "
+                            f"{2 ** (len(unet.down_block_types) - 1)}); its native size is {native}")
+    return size
 
 
 class Batches:

@@ -35,22 +35,28 @@ class DenoisingTask:
 
     @torch.no_grad()
     def inputs(self, images: torch.Tensor, captions: list[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Noisy latents, timesteps, text states and targets (fp32, on the VAE's device). The random draws
+        come from ``generator`` on the CPU, so a batch is the same on every device."""
         vae = self.pipe.vae
-        latents = vae.encode(images).latent_dist.sample(generator=generator) * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator)
+        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        eps = torch.randn(dist.mean.shape, generator=generator).to(vae.device)
+        latents = (dist.mean + dist.std * eps).float() * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(vae.device)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        t = t.to(vae.device)
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, t)
         return {"sample": self.scheduler.add_noise(latents, noise, t), "timestep": t,
-                "encoder_hidden_states": self.encode_text(captions), "target": target}
+                "encoder_hidden_states": self.encode_text(captions).float(), "target": target}
 
     def snr_weights(self, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
         """Min-SNR-gamma weights (Hang et al., 2023) per sample; ones when ``gamma`` is None."""
         if gamma is None:
-            return torch.ones(len(t))
-        alphas = self.scheduler.alphas_cumprod[t]
+            return torch.ones(len(t), device=t.device)
+        alphas = self.scheduler.alphas_cumprod[t.cpu()]
         snr = alphas / (1 - alphas)
         clipped = torch.clamp(snr, max=gamma)
-        return clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
+        weights = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
+        return weights.to(t.device)
 
     @staticmethod
     def loss(unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,7 +17,7 @@ Registry ``SOLVERS`` keyed by the recipe's ``finetune.solver``:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -55,6 +55,8 @@ class Solver:
     lower_steps: int = 0
     sync: GradSync = no_sync
     """Averages an optimizer's gradients over ranks before it steps (set by the trainer)."""
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    """Loss scaling for fp16 mixed precision (disabled otherwise: then it scales by one and just steps)."""
 
     def step(self, i: int, losses: StepLosses) -> dict[str, float]:
         raise NotImplementedError
@@ -64,9 +66,14 @@ class Solver:
 
     def _descend(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self._step(opt)
+
+    def _step(self, opt: torch.optim.Optimizer) -> None:
+        """Average the (scaled) gradients over ranks, then step, unscaling and skipping a step with inf/NaN."""
         self.sync(opt)
-        opt.step()
+        self.scaler.step(opt)
+        self.scaler.update()
 
 
 class KD(Solver):
@@ -105,15 +112,15 @@ class BilevelPenalty(Solver):
         lower = losses.lower(self.student)
         upper = losses.upper(self.student)
         params = [p for group in self.lower_opt.param_groups for p in group["params"]]
-        g_lower = torch.autograd.grad(self.penalty_lambda * lower, params, allow_unused=True)
+        scale = self.scaler.scale
+        g_lower = torch.autograd.grad(scale(self.penalty_lambda * lower), params, allow_unused=True)
         g_upper = dict(zip(map(id, self.upper_params),
-                           torch.autograd.grad(upper, self.upper_params, allow_unused=True), strict=True))
+                           torch.autograd.grad(scale(upper), self.upper_params, allow_unused=True), strict=True))
         self.lower_opt.zero_grad(set_to_none=True)
         for p, g in zip(params, g_lower, strict=True):
             gu = g_upper.get(id(p))
             p.grad = (g if g is not None else torch.zeros_like(p)) + (gu if gu is not None else 0)
-        self.sync(self.lower_opt)
-        self.lower_opt.step()
+        self._step(self.lower_opt)
         figures = {"lower": lower.item(), "upper": upper.item()}
         if phi_value is not None:
             gap = lower.item() - phi_value

@@ -26,12 +26,14 @@ import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from ..data import Batches
+from ..data import Batches, training_resolution
 from ..errors import CheckpointError, EdgesafeError
 from ..io import load_metadata, load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, write_json
 from ..recipe import Recipe
 from ..runs import digest
 from .losses import DenoisingTask, FeatureAligner, LowerObjective
+from .memory import check_fits
+from .memory import estimate as estimate_memory
 from .solvers import NEEDS_UPPER, SOLVERS, Solver, StepLosses
 from .unlearn import parameter_subset, unlearning_loss
 
@@ -85,11 +87,29 @@ class Trainer:
             raise EdgesafeError(f"finetune.solver {ft.solver!r} needs at least one concept to suppress")
         self.recipe, self.folder = recipe, Path(folder)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        device = self.device = self.accelerator.device
+        if ft.mixed_precision == "fp16" and device.type != "cuda":
+            raise EdgesafeError(f"finetune.mixed_precision fp16 needs a CUDA GPU (this run is on {device.type}); "
+                                "use bf16 or no")
+        self.amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[ft.mixed_precision]
+        resolution = training_resolution(recipe, teacher)
+        self.memory_estimate = estimate_memory(
+            teacher, student, resolution=resolution, samples=self._graph_samples(),
+            half_precision=self.amp_dtype is not None, checkpointing=ft.gradient_checkpointing,
+            phi=ft.solver == "bilevel-penalty", upper_fraction=self._upper_fraction(student),
+        )
+        check_fits(self.memory_estimate, device)
+
         torch.manual_seed(recipe.seed)
+        for frozen in (teacher.unet, teacher.text_encoder, teacher.vae):
+            frozen.requires_grad_(False).eval().to(device, dtype=self.amp_dtype or torch.float32)
         self.task = DenoisingTask(teacher)
-        self.teacher = teacher.unet.eval().requires_grad_(False)
-        self.student = student.train()
-        aligner = FeatureAligner(student, self.teacher, ft.lower.feature_align) if ft.lower.feature_kd else None
+        self.teacher = teacher.unet
+        self.student = student.to(device).train()
+        if ft.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        aligner = FeatureAligner(student, self.teacher, ft.lower.feature_align).to(device) if ft.lower.feature_kd \
+            else None
         self.aligner = aligner
         self.objective = LowerObjective(self.teacher, self.task, ft.lower, aligner)
         lower_params = list(student.parameters()) + (list(aligner.parameters()) if aligner is not None else [])
@@ -104,13 +124,29 @@ class Trainer:
             student=student, upper_params=upper_params, lower_opt=lower_opt, upper_opt=upper_opt, phi=phi,
             phi_opt=phi_opt, penalty_lambda=ft.penalty_lambda, inner_steps=ft.inner_steps,
             upper_every=ft.upper_every, gap_every=ft.gap_every, lower_steps=ft.steps,
+            scaler=torch.amp.GradScaler(device.type, enabled=ft.mixed_precision == "fp16"),
         )
         if self.accelerator.num_processes > 1:
             self.solver.sync = self._all_reduce_grads
-        size = teacher.unet.config.sample_size * teacher.vae_scale_factor
         rank = self.accelerator.process_index
-        self.batches = Batches(recipe, batch_size=ft.batch_size, resolution=size, seed=recipe.seed * 1000 + rank)
+        self.batches = Batches(recipe, batch_size=ft.batch_size, resolution=resolution, seed=recipe.seed * 1000 + rank)
         self.fingerprint = model_fingerprint(student)
+
+    def _graph_samples(self) -> int:
+        """Samples whose activations one step's autograd graphs hold at once: the penalty solver keeps the
+        lower and upper graphs of the student together; the others build one at a time."""
+        ft = self.recipe.finetune
+        upper = min(CONCEPT_BATCH, ft.batch_size) if self.recipe.concepts else 0
+        return ft.batch_size + upper if ft.solver == "bilevel-penalty" else max(ft.batch_size, upper)
+
+    def _upper_fraction(self, student: UNet2DConditionModel) -> float:
+        ids = {id(p) for c in self.recipe.concepts for p in parameter_subset(student, c.params)}
+        n = sum(p.numel() for p in student.parameters())
+        return sum(p.numel() for p in student.parameters() if id(p) in ids) / n
+
+    def autocast(self) -> torch.autocast:
+        """The forward passes' precision (a no-op context without mixed precision)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def _all_reduce_grads(self, opt: torch.optim.Optimizer) -> None:
         """Average gradients over ranks (each rank draws its own batches), so every rank takes the same
@@ -152,6 +188,8 @@ class Trainer:
             t, m = optimizer_to_tensors(opt, prefix=name)
             tensors.update(t)
             meta[name] = m
+        if self.solver.scaler.is_enabled():
+            meta["grad_scaler"] = self.solver.scaler.state_dict()
         path = ckpt_dir / f"step-{step:07d}.safetensors"
         if self.accelerator.is_main_process:
             save_tensors(path, tensors, metadata={"state": json.dumps(meta), "curves": json.dumps(curves)})
@@ -184,6 +222,8 @@ class Trainer:
             module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
         for name, opt in self._optimizers().items():
             optimizer_from_tensors(opt, tensors, meta[name], prefix=name)
+        if "grad_scaler" in meta:
+            self.solver.scaler.load_state_dict(meta["grad_scaler"])
         torch.set_rng_state(tensors["rng.torch"])
         return int(meta["step"]), curves
 
@@ -191,11 +231,13 @@ class Trainer:
     def _losses(self, step: int, record: dict[str, float]) -> StepLosses:
         images, captions = self.batches(step)
         gen = torch.Generator().manual_seed(int(np.random.default_rng([self.recipe.seed, 11, step]).integers(2**62)))
-        inputs = self.task.inputs(images, captions, gen)
-        teacher_out = self.objective.teacher_outputs(inputs)
+        with self.autocast():
+            inputs = self.task.inputs(images, captions, gen)
+            teacher_out = self.objective.teacher_outputs(inputs)
 
         def lower(model: torch.nn.Module) -> torch.Tensor:
-            terms = self.objective(model, inputs, teacher_out)
+            with self.autocast():
+                terms = self.objective(model, inputs, teacher_out)
             if model is self.student:
                 record.update({k: v.item() for k, v in terms.items() if k != "total"})
             return terms["total"]
@@ -209,7 +251,8 @@ class Trainer:
         x, t = inputs["sample"][:n], inputs["timestep"][:n]
 
         def upper(model: torch.nn.Module) -> torch.Tensor:
-            return unlearning_loss(model, self.teacher, x, t, concept, prompts, self.task.encode_text)
+            with self.autocast():
+                return unlearning_loss(model, self.teacher, x, t, concept, prompts, self.task.encode_text)
 
         return StepLosses(lower=lower, upper=upper)
 

@@ -1,8 +1,8 @@
-"""Published UNet architectures, as diffusers config values, for building random-weight stand-ins.
+"""Published Stable Diffusion architectures, as config values, for building random-weight stand-ins.
 
-No weights can be downloaded here; these configs (copied from the public model cards'
-``unet/config.json``) let edgesafe count MACs, calibrate device estimators and test pruning on the
-real shapes.
+No weights can be downloaded here; these configs (the values of the public model cards'
+``unet/``, ``vae/``, ``text_encoder/`` and ``scheduler/`` configs) let edgesafe count MACs,
+calibrate device estimators, and run every stage on the real shapes (see :mod:`.standin`).
 """
 
 from __future__ import annotations
@@ -27,13 +27,42 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
+_SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512), scaling_factor=0.18215,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+
+VAE_CONFIGS: dict[str, dict[str, Any]] = {"sd-1.5": _SD_VAE, "sd-2.1-base": _SD_VAE}
+
+TEXT_ENCODER_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd-1.5": dict(  # CLIP ViT-L/14's text tower
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    ),
+    "sd-2.1-base": dict(  # OpenCLIP ViT-H/14's text tower, penultimate layer (23 of 24)
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+    ),
+}
+
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+"""PNDM, as both SD 1.5 and SD 2.1-base ship it (epsilon prediction)."""
+
 TEXT_LENGTH = {"sd-1.5": 77, "sd-2.1-base": 77}
+
+
+def check_architecture(name: str) -> None:
+    if name not in UNET_CONFIGS:
+        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(UNET_CONFIGS)}")
 
 
 def build_unet(name: str, *, device: str = "cpu") -> UNet2DConditionModel:
     """A randomly initialised UNet of a published architecture (``device='meta'`` allocates nothing)."""
-    if name not in UNET_CONFIGS:
-        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(UNET_CONFIGS)}")
+    check_architecture(name)
     if device == "meta":
         import torch
 

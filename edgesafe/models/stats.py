@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+from typing import TypeVar
+
 import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -16,11 +21,12 @@ def param_bytes(module: torch.nn.Module) -> int:
 
 
 def unet_example_inputs(
-    unet: UNet2DConditionModel, *, batch: int = 1, text_length: int | None = None, device: str | torch.device = "cpu"
+    unet: UNet2DConditionModel, *, batch: int = 1, text_length: int | None = None, sample_size: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sample, timestep, encoder_hidden_states) of the UNet's configured size, seeded."""
+    """(sample, timestep, encoder_hidden_states), seeded, of the UNet's configured size unless ``sample_size``."""
     cfg = unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    size = sample_size or (cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0])
     length = text_length or 77
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(batch, cfg.in_channels, size, size, generator=gen).to(device)
@@ -28,14 +34,35 @@ def unet_example_inputs(
     return sample, torch.full((batch,), 500, dtype=torch.long, device=device), hidden
 
 
+def meta_copy(module: M) -> M:
+    """A copy of ``module`` whose parameters and buffers live on the ``meta`` device (nothing is allocated
+    for them, gradients are not copied); its structure and attributes are the original's."""
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
 def count_macs(unet: UNet2DConditionModel, *, batch: int = 1, text_length: int | None = None) -> int:
     """Multiply-accumulates of one UNet call (FLOPs / 2, as torch's counter reports them).
 
-    Works on a ``meta``-device UNet too, so published architectures are counted without weights.
+    Counted on a ``meta``-device copy: nothing is allocated, and attention is counted as the matrix
+    products it is (on the CPU, fused attention kernels have no FLOP formula and would count as zero).
     """
-    device = next(unet.parameters()).device
-    inputs = unet_example_inputs(unet, batch=batch, text_length=text_length, device=device)
+    shape = unet if next(unet.parameters()).is_meta else meta_copy(unet)
+    inputs = unet_example_inputs(shape, batch=batch, text_length=text_length, device="meta")
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        unet(*inputs)
+        shape(*inputs)
     return counter.get_total_flops() // 2
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, in GiB (Linux and macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)

@@ -10,9 +10,10 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from ..errors import BudgetError
+from ..models.stats import meta_copy, unet_example_inputs
 from ..recipe import Budget
 from .blocks import remove_blocks
-from .width import prune_width
+from .width import prune_width, score_channels
 
 MAX_RATIO = 0.9
 MAX_TRIALS = 14
@@ -57,7 +58,6 @@ def prune_to_budget(
     unet: UNet2DConditionModel,
     budget: Budget,
     measure: Measure,
-    example_inputs: tuple[torch.Tensor, ...],
     *,
     method: str = "width",
     blocks: str | None = None,
@@ -71,51 +71,73 @@ def prune_to_budget(
     the channel ratio (after BK-SDM block removal when the method asks for it). ``calibrate``
     fills the gradients Taylor importance reads (see :func:`accumulate_taylor_gradients`).
 
-    An unreachable target raises :class:`BudgetError` naming the smallest reachable figure.
+    Memory stays near one UNet: channels are scored once, the trials prune weightless copies on the
+    ``meta`` device (``measure`` gets those; it materialises one if it must run it), and the chosen
+    ratio is applied to ``unet`` itself, which is consumed. An unreachable target raises
+    :class:`BudgetError` naming the smallest reachable figure.
     """
     teacher_value = measure(unet)
     target = target_value(budget, teacher_value)
     base = remove_blocks(unet, blocks) if "blocks" in method and blocks else unet
-    use_width = "width" in method
-    if use_width and importance == "taylor":
+    del unet
+    trials: list[tuple[float, float]] = []
+    if "width" not in method:
+        value = measure(base)
+        trials.append((0.0, value))
+        if value > target * (1 + budget.tolerance):
+            raise BudgetError(_unreachable(budget, value, teacher_value, "block removal alone"))
+        return BudgetResult(base, 0.0, value, target, teacher_value, trials)
+    if importance == "taylor":
         if calibrate is None:
             raise BudgetError("taylor importance needs calibration batches")
         calibrate(base)
-    trials: list[tuple[float, float]] = []
+    scores = score_channels(base, trace_inputs(base), importance=importance, seed=seed)
+    base.zero_grad(set_to_none=True)
+    shape = meta_copy(base)
+    meta_inputs = trace_inputs(shape)
 
-    def attempt(ratio: float) -> tuple[UNet2DConditionModel, float]:
-        student = prune_width(base, ratio, example_inputs, importance=importance, round_to=round_to, seed=seed)
-        value = measure(student)
+    def attempt(ratio: float) -> float:
+        value = measure(prune_width(shape, ratio, meta_inputs, scores=scores, round_to=round_to))
         trials.append((ratio, value))
         if progress:
             progress(len(trials), MAX_TRIALS)
-        return student, value
+        return value
 
-    student, value = attempt(0.0)
-    if value <= target * (1 + budget.tolerance) or not use_width:
-        if value > target * (1 + budget.tolerance):
-            raise BudgetError(_unreachable(budget, value, teacher_value, "block removal alone"))
-        return BudgetResult(student, 0.0, value, target, teacher_value, trials)
+    def result(ratio: float, value: float) -> BudgetResult:
+        student = prune_width(base, ratio, trace_inputs(base), scores=scores, round_to=round_to, inplace=True)
+        return BudgetResult(student, ratio, value, target, teacher_value, trials)
+
+    value = attempt(0.0)
+    if value <= target * (1 + budget.tolerance):
+        return result(0.0, value)
     lo, hi = 0.0, max_ratio(base)
-    smallest, smallest_value = attempt(hi)
+    smallest_value = attempt(hi)
     if smallest_value > target * (1 + budget.tolerance):
         raise BudgetError(_unreachable(budget, smallest_value, teacher_value, f"{hi:.0%} channel pruning"))
-    best = (smallest, hi, smallest_value)
+    best = (hi, smallest_value)
     while len(trials) < MAX_TRIALS:
         mid = (lo + hi) / 2
-        student, value = attempt(mid)
-        if abs(value / target - 1) < abs(best[2] / target - 1):
-            best = (student, mid, value)
+        value = attempt(mid)
+        if abs(value / target - 1) < abs(best[1] / target - 1):
+            best = (mid, value)
         if abs(value / target - 1) <= budget.tolerance / 2:
             break
         lo, hi = (mid, hi) if value > target else (lo, mid)
-    student, ratio, value = best
+    ratio, value = best
     if abs(value / target - 1) > budget.tolerance:
         raise BudgetError(
             f"budget {budget.metric}: no ratio within {budget.tolerance:.0%} of the target {target:.4g} "
             f"(closest {value:.4g} at ratio {ratio:.3f}); the metric is too coarse or noisy at this size"
         )
-    return BudgetResult(student, ratio, value, target, teacher_value, trials)
+    return result(ratio, value)
+
+
+def trace_inputs(unet: UNet2DConditionModel) -> tuple[torch.Tensor, ...]:
+    """Small inputs (one sample, the smallest latent the UNet takes, two tokens) on ``unet``'s device:
+    enough for torch-pruning to trace the graph, whatever the model's resolution."""
+    side = 2 ** (len(unet.config.down_block_types) - 1)
+    return unet_example_inputs(unet, batch=1, text_length=2, sample_size=side,
+                               device=next(unet.parameters()).device)
 
 
 def _unreachable(budget: Budget, smallest: float, teacher: float, how: str) -> str:

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+
+# A model_index.json naming ["edgesafe.prune.structure", "PrunedUNet2DConditionModel"] (diffusers' own way of
+# naming a class from another library) makes diffusers import this module and look up here the base classes
+# whose loading methods it knows.
+from diffusers import (
+    ModelMixin,  # noqa: F401, I001
+    UNet2DConditionModel,
+)
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.upsampling import Upsample2D
@@ -109,12 +116,37 @@ def _natural(name: str) -> list[Any]:
     return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
 
 
-def apply_structure(config: dict[str, Any], spec: dict[str, Any]) -> UNet2DConditionModel:
+class PrunedUNet2DConditionModel(UNet2DConditionModel):
+    """A structurally pruned ``UNet2DConditionModel``: the same class, with ``from_pretrained`` and
+    ``save_pretrained`` reading and writing the structure spec beside the config and weights.
+
+    A pipeline folder whose ``model_index.json`` names ``["edgesafe.prune.structure",
+    "PrunedUNet2DConditionModel"]`` loads with plain ``StableDiffusionPipeline.from_pretrained`` wherever
+    edgesafe is installed: diffusers imports the module a component names and calls this class's
+    ``from_pretrained``; its ``save_pretrained`` writes that same entry.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
+                        torch_dtype: torch.dtype | None = None, **_ignored: Any) -> PrunedUNet2DConditionModel:
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        return load_unet(folder, torch_dtype=torch_dtype or torch.float32)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        save_unet(self, Path(save_directory), **kwargs)
+
+
+def is_reshaped(spec: dict[str, Any]) -> bool:
+    """Whether a structure spec changes the config's layers (so plain diffusers cannot rebuild the UNet)."""
+    return bool(spec["layers"] or spec["removed"])
+
+
+def apply_structure(config: dict[str, Any], spec: dict[str, Any]) -> PrunedUNet2DConditionModel:
     """An empty (meta-device) UNet of ``config`` reshaped by ``spec``."""
     if spec.get("format") != FORMAT:
         raise ModelLoadError(f"{SPEC_NAME}: unsupported format {spec.get('format')!r} (expected {FORMAT})")
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
+        unet = PrunedUNet2DConditionModel.from_config(config)
         # deeper names first, so deleting list items does not shift the ones still to delete
         for name in sorted(spec.get("removed", []), key=_natural, reverse=True):
             _set(unet, name, None)
@@ -129,10 +161,14 @@ def apply_structure(config: dict[str, Any], spec: dict[str, Any]) -> UNet2DCondi
     return unet
 
 
-def save_unet(unet: UNet2DConditionModel, folder: Path) -> None:
-    """``save_pretrained`` (safetensors) plus the structure spec; loadable with :func:`load_unet`."""
-    unet.save_pretrained(folder, safe_serialization=True)
-    write_json(folder / SPEC_NAME, structure_spec(unet))
+def save_unet(unet: UNet2DConditionModel, folder: Path, **kwargs: Any) -> dict[str, Any]:
+    """``save_pretrained`` (safetensors) plus the structure spec, which it returns; loadable with
+    :func:`load_unet` or :class:`PrunedUNet2DConditionModel`."""
+    kwargs["safe_serialization"] = True
+    UNet2DConditionModel.save_pretrained(unet, folder, **kwargs)
+    spec = structure_spec(unet)
+    write_json(Path(folder) / SPEC_NAME, spec)
+    return spec
 
 
 def load_unet(folder: Path, *, torch_dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
@@ -140,7 +176,10 @@ def load_unet(folder: Path, *, torch_dtype: torch.dtype = torch.float32) -> UNet
     folder = Path(folder)
     spec_path = folder / SPEC_NAME
     if not spec_path.is_file():
-        return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
+        try:
+            return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"{folder}: cannot load UNet ({str(exc).strip().splitlines()[0]})") from None
     try:
         spec = json.loads(spec_path.read_text())
         config = json.loads((folder / "config.json").read_text())

@@ -20,7 +20,7 @@ What the stock pruner gets wrong on diffusers' UNet, and what we do about it:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch_pruning as tp
@@ -29,6 +29,7 @@ from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.upsampling import Upsample2D
+from torch import nn
 
 from ..errors import BudgetError
 
@@ -68,11 +69,78 @@ def _rounded_ratio(n: int, ratio: float, multiple: int) -> float:
     return max(0.0, 1 - min(kept, n) / n)
 
 
-def accumulate_taylor_gradients(unet: UNet2DConditionModel, batches: Iterable[LossFn]) -> None:
-    """Backpropagate the denoising loss of each calibration batch into ``unet``'s ``.grad``."""
+def accumulate_taylor_gradients(unet: UNet2DConditionModel, batches: Sequence[LossFn],
+                                progress: Callable[[int, int], None] | None = None) -> None:
+    """Backpropagate the denoising loss of each calibration batch into ``unet``'s ``.grad`` (in place:
+    one gradient buffer per parameter, summed over batches)."""
     unet.zero_grad(set_to_none=True)
-    for loss_fn in batches:
+    for i, loss_fn in enumerate(batches):
         loss_fn(unet).backward()
+        if progress:
+            progress(i + 1, len(batches))
+
+
+GroupKey = tuple[tuple[str, str], ...]
+Scores = dict[GroupKey, torch.Tensor]
+"""Per-channel importance of every prunable group, keyed by its layers' names and pruning functions."""
+
+
+def _group_key(group: tp.dependency.Group, names: dict[nn.Module, str]) -> GroupKey:
+    """The group's layers (graph-only nodes such as additions have no name) and how each is pruned."""
+    return tuple((names[dep.target.module], getattr(dep.handler, "__name__", type(dep.handler).__name__))
+                 for dep, _ in group if dep.target.module in names)
+
+
+class _Recorded(tp.importance.Importance):
+    """Scores groups with ``inner`` and keeps each score; or, without ``inner``, replays kept scores."""
+
+    def __init__(self, model: nn.Module, scores: Scores, inner: tp.importance.Importance | None = None):
+        self.names = {m: n for n, m in model.named_modules()}
+        self.scores, self.inner = scores, inner
+
+    def __call__(self, group: tp.dependency.Group) -> torch.Tensor:
+        key = _group_key(group, self.names)
+        if self.inner is not None:
+            self.scores[key] = self.inner(group).detach().cpu()
+        if key not in self.scores:
+            raise BudgetError(f"no importance score for the group of {key[0][0]}: the UNet changed since scoring")
+        return self.scores[key]
+
+
+def _pruner(unet: UNet2DConditionModel, ratio: float, example_inputs: tuple[torch.Tensor, ...],
+            importance: tp.importance.Importance, round_to: int) -> tp.pruner.MetaPruner:
+    num_heads, ratios, groups = {}, {}, {}
+    for m in unet.modules():
+        if isinstance(m, Attention):
+            for linear in (m.to_q, m.to_k, m.to_v):
+                num_heads[linear] = m.heads
+        if isinstance(m, GEGLU):
+            groups[m.proj] = 2
+            ratios[m.proj] = _rounded_ratio(m.proj.out_features // 2, ratio, round_to)
+    return tp.pruner.MetaPruner(
+        unet, example_inputs, importance, pruning_ratio=ratio, pruning_ratio_dict=ratios,
+        ignored_layers=[unet.conv_out], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=ratio, out_channel_groups=groups, forward_fn=lambda m, x: m(*x).sample,
+    )
+
+
+def score_channels(unet: UNet2DConditionModel, example_inputs: tuple[torch.Tensor, ...], *,
+                   importance: str = "magnitude", seed: int = 0) -> Scores:
+    """Importance of every channel and head of ``unet``, computed once (nothing is pruned).
+
+    ``taylor`` reads the gradients already in ``unet`` (see :func:`accumulate_taylor_gradients`),
+    which may be freed afterwards; ``random`` is seeded. The scores drive :func:`prune_width` at any
+    ratio, on ``unet`` or on a copy of it (the ``meta`` device included), so a budget search scores once.
+    """
+    if importance not in IMPORTANCE:
+        raise BudgetError(f"unknown importance {importance!r}; known: {', '.join(IMPORTANCE)}")
+    if importance == "taylor" and not any(p.grad is not None for p in unet.parameters()):
+        raise BudgetError("taylor importance needs gradients: run accumulate_taylor_gradients first")
+    torch.manual_seed(seed)
+    scores: Scores = {}
+    pruner = _pruner(unet, 0.5, example_inputs, _Recorded(unet, scores, IMPORTANCE[importance]()), 1)
+    next(pruner.step(interactive=True), None)  # scores every group before yielding the first; nothing is pruned
+    return scores
 
 
 def prune_width(
@@ -80,43 +148,29 @@ def prune_width(
     ratio: float,
     example_inputs: tuple[torch.Tensor, ...],
     *,
+    scores: Scores | None = None,
     importance: str = "magnitude",
-    round_to: int = 1,
     seed: int = 0,
+    round_to: int = 1,
+    inplace: bool = False,
 ) -> UNet2DConditionModel:
-    """A copy of ``unet`` with ``ratio`` of its channels and heads removed from every prunable group.
-
-    ``taylor`` importance reads the gradients already in ``unet`` (see
-    :func:`accumulate_taylor_gradients`); ``random`` is seeded.
+    """``unet`` (or a copy) with ``ratio`` of its channels and heads removed from every prunable group, the
+    least important by ``scores`` (by default :func:`score_channels` with ``importance`` and ``seed``).
+    With ``scores`` given it works on the ``meta`` device too, where a budget search measures sizes
+    without allocating weights; ``example_inputs`` may be small (they only trace the graph).
     """
-    if importance not in IMPORTANCE:
-        raise BudgetError(f"unknown importance {importance!r}; known: {', '.join(IMPORTANCE)}")
     if not 0 <= ratio < 1:
         raise BudgetError(f"channel pruning ratio must be in [0, 1), got {ratio}")
-    if importance == "taylor" and not any(p.grad is not None for p in unet.parameters()):
-        raise BudgetError("taylor importance needs gradients: run accumulate_taylor_gradients first")
-    student = copy.deepcopy(unet).eval()
-    for source, param in zip(unet.parameters(), student.parameters(), strict=True):
-        if source.grad is not None:  # deepcopy drops gradients; Taylor importance reads them
-            param.grad = source.grad.clone()
+    if scores is None and ratio > 0:
+        scores = score_channels(unet, example_inputs, importance=importance, seed=seed)
+    student = (unet if inplace else copy.deepcopy(unet)).eval()
+    student.zero_grad(set_to_none=True)
     if ratio == 0:
         return student
-    num_heads, ratios, groups = {}, {}, {}
-    for m in student.modules():
-        if isinstance(m, Attention):
-            for linear in (m.to_q, m.to_k, m.to_v):
-                num_heads[linear] = m.heads
-        if isinstance(m, GEGLU):
-            groups[m.proj] = 2
-            ratios[m.proj] = _rounded_ratio(m.proj.out_features // 2, ratio, round_to)
-    torch.manual_seed(seed)
-    pruner = tp.pruner.MetaPruner(
-        student, example_inputs, IMPORTANCE[importance](), pruning_ratio=ratio, pruning_ratio_dict=ratios,
-        ignored_layers=[student.conv_out], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-        head_pruning_ratio=ratio, out_channel_groups=groups, forward_fn=lambda m, x: m(*x).sample,
-    )
+    pruner = _pruner(student, ratio, example_inputs, _Recorded(student, scores), round_to)
     watch = {student.get_submodule(layer): point for point, layer in block_output_layers(student).items()}
-    kept = {point: list(getattr(unet, KEPT_ATTR, {}).get(point, range(m.out_channels))) for m, point in watch.items()}
+    kept = {point: list(getattr(student, KEPT_ATTR, {}).get(point, range(m.out_channels)))
+            for m, point in watch.items()}
     for group in pruner.step(interactive=True):
         for dep, idxs in group:
             point = watch.get(dep.target.module)
@@ -131,5 +185,5 @@ def prune_width(
         if isinstance(m, Downsample2D | Upsample2D):
             conv = m.conv
             m.channels, m.out_channels = conv.in_channels, conv.out_channels
-    student.zero_grad(set_to_none=True)
     return student
+

@@ -30,7 +30,7 @@ def _chain(word: str) -> list[tuple[str, str]]:
     return merges
 
 
-def write_tokenizer(words: list[str], folder: Path) -> CLIPTokenizer:
+def write_tokenizer(words: list[str], folder: Path, *, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
     """Write vocab.json, merges.txt and the tokenizer config for ``words`` into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     byte_chars = list(bytes_to_unicode().values())
@@ -47,7 +47,7 @@ def write_tokenizer(words: list[str], folder: Path) -> CLIPTokenizer:
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LENGTH, pad_token=EOS
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length, pad_token=EOS
     )
     tokenizer.save_pretrained(folder)
     return tokenizer

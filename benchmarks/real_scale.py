@@ -1,0 +1,124 @@
+"""Run the shipped real-model recipes end to end on random-weight SD 1.5 and SD 2.1-base folders;
+write benchmarks/results/real_scale.json.
+
+No weights can be downloaded here, so each architecture is written by ``edgesafe zoo standin`` (the
+published configs, random weights, a small tokenizer vocabulary) with 24 captioned images. Each
+recipe runs through the CLI, one stage per process (prune, finetune, export), with the recipe as
+shipped except: the stand-in model and images, ``data.resolution`` (256 by default, the calibration
+and fine-tuning size), a few fine-tuning steps at batch 1. Per stage: wall time, the process's peak
+resident memory, and the stage's own figures; the fine-tune's memory estimate against its measured
+peak; whether plain diffusers loads the pruned folder. The bench stage does not exist yet.
+
+Resumable: results are written after every run, and a rerun skips runs already measured at this
+commit (run folders resume too). Heavy: one run at a time, about 20 GB of disk in --work.
+
+    python benchmarks/real_scale.py [--arch sd-1.5] [--recipe iphone15] [--work /tmp/edgesafe-real-scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import ROOT, provenance, real_recipes, run_cli, small_run, stand_in
+
+from edgesafe.io import write_json
+
+ARCHS = ("sd-1.5", "sd-2.1-base")
+STAGES = (("prune", "1-prune"), ("finetune", "2-finetune"), ("export", "3-export"))
+LOADS_WITH_DIFFUSERS = """
+import sys, torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None, requires_safety_checker=False,
+                                               local_files_only=True)
+print(type(pipe.unet).__name__, sum(p.numel() for p in pipe.unet.parameters()))
+"""
+
+
+def loads_with_diffusers(folder: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", LOADS_WITH_DIFFUSERS, str(folder)], capture_output=True, text=True)
+    if done.returncode:
+        return {"ok": False, "error": done.stderr.strip().splitlines()[-1]}
+    cls, params = done.stdout.split()
+    return {"ok": True, "unet_class": cls, "unet_params": int(params)}
+
+
+def run_recipe(recipe: Path, arch: str, work: Path, args: argparse.Namespace) -> dict:
+    model, images = stand_in(work, arch)
+    run = work / "runs" / arch / recipe.stem
+    sets = small_run(images, resolution=args.resolution, steps=args.steps)
+    entry: dict = {"recipe": recipe.stem, "arch": arch, "overrides": sets[1::2], "stages": {}}
+    for command, folder in STAGES:
+        done = run_cli(command, "--recipe", str(recipe), "--model", str(model), "--out", str(run), "--resume",
+                       *sets, log=run.parent / f"{recipe.stem}.{command}.log")
+        stage = {"seconds": done.seconds, "peak_rss_gib": done.peak_rss_gib, "returncode": done.returncode}
+        manifest = run / folder / "stage.json"
+        if manifest.is_file():
+            stage["figures"] = json.loads(manifest.read_text()).get("figures")
+        if done.returncode:
+            stage["error"] = done.output_tail.strip().splitlines()[-1] if done.output_tail.strip() else ""
+        entry["stages"][command] = stage
+        print(recipe.stem, arch, command, {k: v for k, v in stage.items() if k != "figures"}, flush=True)
+        if done.returncode:
+            break
+        if command == "prune":
+            entry["pruned_student"] = loads_with_diffusers(run / folder)
+    entry["complete"] = all(s["returncode"] == 0 for s in entry["stages"].values()) and \
+        len(entry["stages"]) == len(STAGES)
+    ft = entry["stages"].get("finetune", {})
+    if ft.get("returncode") == 0:
+        estimate = ft["figures"]["memory_estimate_gib"]["total"]
+        entry["memory_estimate_error"] = round(estimate / ft["peak_rss_gib"] - 1, 3)
+    return entry
+
+
+def summary(runs: list[dict]) -> dict:
+    def stage_max(stage: str, key: str) -> float | None:
+        values = [r["stages"][stage][key] for r in runs if r["stages"].get(stage, {}).get("returncode") == 0]
+        return max(values) if values else None
+
+    complete: dict[str, dict[str, bool]] = {}
+    for r in runs:
+        complete.setdefault(r["recipe"], {})[r["arch"]] = r["complete"]
+    loads = [r["pruned_student"] for r in runs if "pruned_student" in r]
+    errors = [abs(r["memory_estimate_error"]) for r in runs if "memory_estimate_error" in r]
+    return {
+        "prune_peak_rss_gib_max": stage_max("prune", "peak_rss_gib"),
+        "prune_seconds_max": stage_max("prune", "seconds"),
+        "compress_complete": complete,
+        "finetune_peak_rss_gib_max": stage_max("finetune", "peak_rss_gib"),
+        "memory_estimate_error_max": max(errors) if errors else None,
+        "pruned_student_loads_with_diffusers": bool(loads) and all(x["ok"] for x in loads) and any(
+            x.get("unet_class") == "PrunedUNet2DConditionModel" for x in loads),
+        "gpu": None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", action="append", choices=ARCHS)
+    parser.add_argument("--recipe", action="append", help="recipe name (default: every real-model recipe)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/edgesafe-real-scale"))
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_scale.json")
+    args = parser.parse_args()
+    here = provenance()
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    runs = [r for r in old.get("runs", []) if r.get("commit") == here["commit"]]
+    recipes = [p for p in real_recipes() if not args.recipe or p.stem in args.recipe]
+    for arch in args.arch or ARCHS:
+        for recipe in recipes:
+            if any(r["recipe"] == recipe.stem and r["arch"] == arch and r["complete"] for r in runs):
+                continue
+            runs = [r for r in runs if not (r["recipe"] == recipe.stem and r["arch"] == arch)]
+            runs.append({**run_recipe(recipe, arch, args.work, args), "commit": here["commit"]})
+            write_json(args.out, {**summary(runs), "provenance": here, "runs": runs})
+    print(json.dumps(summary(runs), indent=2))
+
+
+if __name__ == "__main__":
+    main()
