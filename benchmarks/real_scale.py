@@ -9,8 +9,9 @@ and fine-tuning size), a few fine-tuning steps at batch 1. Per stage: wall time,
 resident memory, and the stage's own figures; the fine-tune's memory estimate against its measured
 peak; whether plain diffusers loads the pruned folder. The bench stage does not exist yet.
 
-Resumable: results are written after every run, and a rerun skips runs already measured at this
-commit (run folders resume too). Heavy: one run at a time, about 20 GB of disk in --work.
+Resumable: results are written after every run, and a rerun skips runs already completed at this
+commit (an incomplete one starts again from its first stage). Heavy: one run at a time, about 20 GB
+of disk in --work.
 
     python benchmarks/real_scale.py [--arch sd-1.5] [--recipe iphone15] [--work /tmp/edgesafe-real-scale]
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +51,7 @@ def loads_with_diffusers(folder: Path) -> dict:
 def run_recipe(recipe: Path, arch: str, work: Path, args: argparse.Namespace) -> dict:
     model, images = stand_in(work, arch)
     run = work / "runs" / arch / recipe.stem
+    shutil.rmtree(run, ignore_errors=True)  # every stage measured afresh at this commit
     sets = small_run(images, resolution=args.resolution, steps=args.steps)
     entry: dict = {"recipe": recipe.stem, "arch": arch, "overrides": sets[1::2], "stages": {}}
     for command, folder in STAGES:

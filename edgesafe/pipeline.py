@@ -109,15 +109,21 @@ def _taylor_calibration(ctx: StageContext, pipe) -> Callable[[UNet2DConditionMod
     pieces = [{k: v[i:i + CALIBRATION_MICROBATCH] for k, v in x.items()}
               for x in inputs for i in range(0, batch, CALIBRATION_MICROBATCH)]
 
+    def loss(unet: UNet2DConditionModel, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = next(unet.parameters()).device
+        return DenoisingTask.loss(unet, {k: v.to(device) for k, v in x.items()}) * len(x["sample"]) / batch
+
     def calibrate(unet: UNet2DConditionModel) -> None:
+        """On a GPU where there is one (the gradients come back with the weights), else here."""
         unet.enable_gradient_checkpointing()
         try:
-            accumulate_taylor_gradients(unet, [lambda u, x=x: DenoisingTask.loss(u, x) * len(x["sample"]) / batch
-                                               for x in pieces],
+            unet.to("cuda" if torch.cuda.is_available() else "cpu")
+            accumulate_taylor_gradients(unet, [lambda u, x=x: loss(u, x) for x in pieces],
                                         progress=lambda done, total: ctx.progress("prune: taylor calibration",
                                                                                   done, total))
         finally:
             unet.disable_gradient_checkpointing()
+            unet.to("cpu")
 
     return calibrate
 

@@ -156,3 +156,32 @@ def test_finetune_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, shor
     a = load_file(str(tmp_path / "whole" / "2-finetune" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(cut / "2-finetune" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # stated tolerance: 1e-6 absolute
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("no-captions", "has no images with captions"),
+    ("broken-image", "0001.png: not a readable image"),
+    ("resolution", "data.resolution: 40 px is not a multiple of 16 px"),
+])
+def test_bad_data_is_one_line_before_any_work(tmp_path, case, message):
+    from edgesafe.models.standin import write_captioned_images
+
+    images = write_captioned_images(tmp_path / "images", count=2, size=32)
+    sets = ["--set", "data.kind=folder", "--set", f"data.path={images}"]
+    if case == "no-captions":
+        for caption in images.glob("*.txt"):
+            caption.unlink()
+    elif case == "broken-image":
+        (images / "0001.png").write_bytes(b"not a png")
+    else:
+        sets += ["--set", "data.resolution=40"]
+    done = cli("prune", "--recipe", TINY, "--out", str(tmp_path / "run"), *sets)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "1-prune" / "unet").exists()
+
+
+def test_zoo_standin_rejects_an_unknown_architecture(tmp_path):
+    done = cli("zoo", "standin", "sd-9", "--out", str(tmp_path / "m"))
+    assert done.returncode == 2 and "unknown architecture 'sd-9'; known: sd-1.5, sd-2.1-base" in done.stderr
+    assert not (tmp_path / "m").exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -41,6 +42,9 @@ class StepLosses:
 @dataclass
 class Solver:
     """State and update rule of one solver; ``step`` returns the figures logged for the curves."""
+
+    steps_upper_opt: ClassVar[bool] = False
+    """Whether the solver steps ``upper_opt`` (whose AdamW states then take memory)."""
 
     student: nn.Module
     upper_params: list[nn.Parameter]
@@ -86,6 +90,8 @@ class KD(Solver):
 class TwoStage(Solver):
     """Lower steps first; then as many erase steps as bilevel takes upper steps."""
 
+    steps_upper_opt = True
+
     def total_steps(self) -> int:
         return self.lower_steps + self.lower_steps // self.upper_every
 
@@ -109,17 +115,16 @@ class BilevelPenalty(Solver):
                 self._descend(self.phi_opt, losses.lower(self.phi))
             with torch.no_grad():
                 phi_value = losses.lower(self.phi).item()
-        lower = losses.lower(self.student)
-        upper = losses.upper(self.student)
-        params = [p for group in self.lower_opt.param_groups for p in group["params"]]
-        scale = self.scaler.scale
-        g_lower = torch.autograd.grad(scale(self.penalty_lambda * lower), params, allow_unused=True)
-        g_upper = dict(zip(map(id, self.upper_params),
-                           torch.autograd.grad(scale(upper), self.upper_params, allow_unused=True), strict=True))
+        # theta's gradient, grad L_un (on the upper subset only) + lambda * grad L_ft, built one graph at a
+        # time in the gradient buffers themselves: the upper gradient first, then backward adds the lower one
         self.lower_opt.zero_grad(set_to_none=True)
-        for p, g in zip(params, g_lower, strict=True):
-            gu = g_upper.get(id(p))
-            p.grad = (g if g is not None else torch.zeros_like(p)) + (gu if gu is not None else 0)
+        upper = losses.upper(self.student)
+        grads = torch.autograd.grad(self.scaler.scale(upper), self.upper_params, allow_unused=True)
+        for p, g in zip(self.upper_params, grads, strict=True):
+            p.grad = g
+        del grads
+        lower = losses.lower(self.student)
+        self.scaler.scale(self.penalty_lambda * lower).backward()
         self._step(self.lower_opt)
         figures = {"lower": lower.item(), "upper": upper.item()}
         if phi_value is not None:
@@ -129,6 +134,8 @@ class BilevelPenalty(Solver):
 
 
 class BilevelAlternating(Solver):
+    steps_upper_opt = True
+
     def step(self, i: int, losses: StepLosses) -> dict[str, float]:
         lower = losses.lower(self.student)
         self._descend(self.lower_opt, lower)

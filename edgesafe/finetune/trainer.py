@@ -133,13 +133,14 @@ class Trainer:
         self.fingerprint = model_fingerprint(student)
 
     def _graph_samples(self) -> int:
-        """Samples whose activations one step's autograd graphs hold at once: the penalty solver keeps the
-        lower and upper graphs of the student together; the others build one at a time."""
+        """Samples whose activations one autograd graph holds (every solver builds one graph at a time)."""
         ft = self.recipe.finetune
-        upper = min(CONCEPT_BATCH, ft.batch_size) if self.recipe.concepts else 0
-        return ft.batch_size + upper if ft.solver == "bilevel-penalty" else max(ft.batch_size, upper)
+        return max(ft.batch_size, min(CONCEPT_BATCH, ft.batch_size) if self.recipe.concepts else 0)
 
     def _upper_fraction(self, student: UNet2DConditionModel) -> float:
+        """The share of the student's parameters whose upper-level AdamW states the solver allocates."""
+        if not SOLVERS[self.recipe.finetune.solver].steps_upper_opt:
+            return 0.0
         ids = {id(p) for c in self.recipe.concepts for p in parameter_subset(student, c.params)}
         n = sum(p.numel() for p in student.parameters())
         return sum(p.numel() for p in student.parameters() if id(p) in ids) / n
