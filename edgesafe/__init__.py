@@ -1,11 +1,15 @@
 """edgesafe: compress text-to-image diffusion models for edge devices without keeping unwanted concepts."""
 
+import logging
 import os
 
 __version__ = "0.1.0"
 
 # diffusers warns at import when two distributions provide `optimum` (optimum + optimum-onnx).
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# diffusers imports bitsandbytes when it is installed (finetune.optimizer adamw-8bit), which on CPUs with
+# AVX512-BF16 warns that an optional hub-downloaded 4-bit kernel is missing; edgesafe uses no 4-bit kernel.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.msg)
 
 from .errors import BudgetError, CheckpointError, EdgesafeError, ModelLoadError, RecipeError  # noqa: E402
 from .models.loading import load_evaluator, load_pipeline  # noqa: E402

@@ -61,8 +61,15 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save ``tensors`` as safetensors, atomically (contiguous, de-aliased copies)."""
-    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    """Save ``tensors`` as safetensors, atomically. Only what must be copied is (tensors off the CPU, not
+    contiguous, or sharing storage with one already listed): a checkpoint of an SD-size student with its
+    optimizer states does not double the memory."""
+    clean, storages = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        storage = v.untyped_storage().data_ptr()
+        clean[k] = v.clone() if storage in storages else v
+        storages.add(storage)
     with atomic_path(path) as tmp:
         save_file(clean, str(tmp), metadata=metadata)
 
@@ -86,12 +93,33 @@ def load_metadata(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+def _flatten(slots: dict[str, Any], into: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested state (bitsandbytes keeps its quantisation state in a dict) as ``outer/inner`` keys."""
+    for name, value in slots.items():
+        if isinstance(value, dict):
+            _flatten(value, into, f"{prefix}{name}/")
+        else:
+            into[prefix + name] = value
+    return into
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *outer, leaf = key.split("/")
+        node = nested
+        for part in outer:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
 def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer's state into tensors (for safetensors) and JSON-able metadata."""
     state = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, slots in state["state"].items():
-        for name, value in slots.items():
+        for name, value in _flatten(slots, {}).items():
             if isinstance(value, torch.Tensor):
                 tensors[f"{prefix}.{idx}.{name}"] = value
             else:
@@ -103,12 +131,13 @@ def optimizer_from_tensors(
     opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "optim"
 ) -> None:
     """Inverse of :func:`optimizer_to_tensors`."""
-    state: dict[int, dict[str, Any]] = {}
+    flat: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith(prefix + "."):
             idx, name = key[len(prefix) + 1 :].split(".", 1)
-            state.setdefault(int(idx), {})[name] = value
+            flat.setdefault(int(idx), {})[name] = value
     for key, value in meta["scalars"].items():
         idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        flat.setdefault(int(idx), {})[name] = value
+    state = {idx: _nest(slots) for idx, slots in flat.items()}
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -141,6 +141,18 @@ class FinetuneSpec(_Section):
     weights; fp16 scales the loss). fp16 needs a GPU."""
     gradient_checkpointing: bool = False
     """Recompute the student's block activations in the backward pass instead of keeping them."""
+    optimizer: str = "adamw"
+    """A name from ``finetune.optimizers.OPTIMIZERS``: ``adamw``, or ``adamw-8bit`` (bitsandbytes), which
+    keeps 2 bytes of optimizer state per parameter instead of 8."""
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        from .finetune.optimizers import OPTIMIZERS
+
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+        return name
 
 
 QUANTIZERS = ("int8-ort-dynamic", "int8-ort-static", "int8-nncf", "int8-hybrid",

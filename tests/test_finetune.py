@@ -263,3 +263,26 @@ def test_fine_tuning_runs_on_the_gpu(short_pipeline_dir, tmp_path, precision):
         assert all(t.is_cuda for state in opt.state.values() for t in state.values() if torch.is_tensor(t)
                    and t.dim() > 0)
     assert all(math.isfinite(c["lower"]) for c in result.curves)
+
+
+def test_8bit_adamw_keeps_quarter_size_states_and_resumes_exactly(short_pipeline_dir, tmp_path):
+    eight = {"finetune.optimizer": "adamw-8bit", "finetune.steps": 4, "finetune.solver": "bilevel-alternating"}
+    plain = _own_trainer(short_pipeline_dir, tmp_path / "plain", **{**eight, "finetune.optimizer": "adamw"})
+    whole = _own_trainer(short_pipeline_dir, tmp_path / "whole", **eight)
+    n = sum(p.numel() for p in whole.student.parameters())
+    assert plain.memory_estimate.student - whole.memory_estimate.student == 6 * n
+    result = whole.run(resume=False, checkpoint_every=100)
+    states = [t for s in whole.solver.lower_opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    assert any(t.dtype == torch.uint8 for t in states)
+
+    def stop_at_two(done, total):
+        if done == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        _own_trainer(short_pipeline_dir, tmp_path / "cut", **eight).run(resume=False, checkpoint_every=100,
+                                                                        progress=stop_at_two)
+    resumed = _own_trainer(short_pipeline_dir, tmp_path / "cut", **eight).run(resume=True, checkpoint_every=100)
+    assert resumed.resumed_from == 2
+    for (name, a), b in zip(result.student.state_dict().items(), resumed.student.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -1,8 +1,8 @@
 """What a fine-tune needs in memory, estimated before it starts, and the check that it fits.
 
 The estimate adds the frozen teacher (UNet, text encoder, VAE at the teacher's precision), the
-student with its gradients and AdamW states, the upper level's optimizer states, phi (the penalty
-solver's copy, with its own gradients and states), the feature projections, and the activations
+student with its gradients and optimizer states, the upper level's optimizer states, phi (the
+penalty solver's copy, with its own gradients and states), the feature projections, and the activations
 kept for the backward pass. Those are counted by tracing one training forward of the student on
 the ``meta`` device (nothing allocated) at the recipe's resolution, with gradient checkpointing when
 the recipe asks for it, and scaled to the step's samples; under mixed precision they are taken at
@@ -22,8 +22,6 @@ from ..errors import EdgesafeError
 from ..models.stats import meta_copy, param_bytes, peak_rss_gib, unet_example_inputs
 
 GIB = 2**30
-ADAMW_STATE_BYTES = 8
-"""Two fp32 moments per parameter."""
 
 
 @dataclass(frozen=True)
@@ -66,19 +64,20 @@ def activation_bytes(unet: UNet2DConditionModel, *, latent_size: int, text_lengt
 
 def estimate(teacher: StableDiffusionPipeline, student: UNet2DConditionModel, *, resolution: int,
              samples: int, half_precision: bool, checkpointing: bool, phi: bool, upper_fraction: float,
-             extra_params: int = 0) -> MemoryEstimate:
-    """The memory of a fine-tune; ``samples`` is how many samples one step's graph holds at once and
-    ``upper_fraction`` the share of the student's parameters the upper level optimises."""
+             optimizer_state_bytes: int = 8) -> MemoryEstimate:
+    """The memory of a fine-tune; ``samples`` is how many samples one step's graph holds at once,
+    ``upper_fraction`` the share of the student's parameters with upper-level optimizer states, and
+    ``optimizer_state_bytes`` what the optimizer keeps per parameter."""
     scale = 0.5 if half_precision else 1.0
     frozen = sum(param_bytes(m) for m in (teacher.unet, teacher.text_encoder, teacher.vae))
-    n = sum(p.numel() for p in student.parameters()) + extra_params
-    trained = n * (4 + 4 + ADAMW_STATE_BYTES)  # fp32 weights, gradients, AdamW moments
+    n = sum(p.numel() for p in student.parameters())
+    trained = n * (4 + 4 + optimizer_state_bytes)  # fp32 weights, gradients, optimizer states
     acts = activation_bytes(student, latent_size=resolution // teacher.vae_scale_factor,
                             text_length=teacher.tokenizer.model_max_length, samples=samples,
                             checkpointing=checkpointing)
     return MemoryEstimate(
         teacher=int(frozen * scale), student=trained, phi=trained if phi else 0,
-        upper_states=int(n * upper_fraction * ADAMW_STATE_BYTES), activations=int(acts * scale),
+        upper_states=int(n * upper_fraction * optimizer_state_bytes), activations=int(acts * scale),
     )
 
 

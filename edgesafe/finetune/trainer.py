@@ -34,6 +34,7 @@ from ..runs import digest
 from .losses import DenoisingTask, FeatureAligner, LowerObjective
 from .memory import check_fits
 from .memory import estimate as estimate_memory
+from .optimizers import OPTIMIZERS
 from .solvers import NEEDS_UPPER, SOLVERS, Solver, StepLosses
 from .unlearn import parameter_subset, unlearning_loss
 
@@ -97,6 +98,7 @@ class Trainer:
             teacher, student, resolution=resolution, samples=self._graph_samples(),
             half_precision=self.amp_dtype is not None, checkpointing=ft.gradient_checkpointing,
             phi=ft.solver == "bilevel-penalty", upper_fraction=self._upper_fraction(student),
+            optimizer_state_bytes=OPTIMIZERS[ft.optimizer].state_bytes,
         )
         check_fits(self.memory_estimate, device)
 
@@ -114,12 +116,13 @@ class Trainer:
         self.objective = LowerObjective(self.teacher, self.task, ft.lower, aligner)
         lower_params = list(student.parameters()) + (list(aligner.parameters()) if aligner is not None else [])
         upper_params = list({id(p): p for c in recipe.concepts for p in parameter_subset(student, c.params)}.values())
-        lower_opt = torch.optim.AdamW(lower_params, lr=ft.lr, weight_decay=0.0)
-        upper_opt = torch.optim.AdamW(upper_params, lr=ft.upper_lr, weight_decay=0.0) if upper_params else None
+        build = OPTIMIZERS[ft.optimizer].build
+        lower_opt = build(lower_params, ft.lr)
+        upper_opt = build(upper_params, ft.upper_lr) if upper_params else None
         phi = phi_opt = None
         if ft.solver == "bilevel-penalty":
             phi = copy.deepcopy(student)
-            phi_opt = torch.optim.AdamW(phi.parameters(), lr=ft.lr, weight_decay=0.0)
+            phi_opt = build(phi.parameters(), ft.lr)
         self.solver: Solver = SOLVERS[ft.solver](
             student=student, upper_params=upper_params, lower_opt=lower_opt, upper_opt=upper_opt, phi=phi,
             phi_opt=phi_opt, penalty_lambda=ft.penalty_lambda, inner_steps=ft.inner_steps,
@@ -138,7 +141,7 @@ class Trainer:
         return max(ft.batch_size, min(CONCEPT_BATCH, ft.batch_size) if self.recipe.concepts else 0)
 
     def _upper_fraction(self, student: UNet2DConditionModel) -> float:
-        """The share of the student's parameters whose upper-level AdamW states the solver allocates."""
+        """The share of the student's parameters whose upper-level optimizer states the solver allocates."""
         if not SOLVERS[self.recipe.finetune.solver].steps_upper_opt:
             return 0.0
         ids = {id(p) for c in self.recipe.concepts for p in parameter_subset(student, c.params)}
