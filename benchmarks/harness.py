@@ -83,7 +83,8 @@ def stand_in(work: Path, arch: str) -> tuple[Path, Path]:
 
 def small_run(images: Path, *, resolution: int = 256, steps: int = 2) -> list[str]:
     """``--set`` overrides that keep a real-model recipe small enough for a CPU: the stand-in's images at
-    ``resolution``, ``steps`` fine-tuning steps at batch 1 (so Taylor calibration takes 4 samples)."""
+    ``resolution``, ``steps`` fine-tuning steps at batch 1 (so Taylor calibration takes 4 samples), and
+    ``steps`` sampling steps for the export's INT8 calibration and parity images (at the model's 512 px)."""
     sets = [f"data.path={images}", f"data.resolution={resolution}", f"finetune.steps={steps}",
-            "finetune.batch_size=1", f"finetune.checkpoint_every={steps}"]
+            "finetune.batch_size=1", f"finetune.checkpoint_every={steps}", f"bench.steps={steps}"]
     return [a for s in sets for a in ("--set", s)]

@@ -5,7 +5,8 @@ No weights can be downloaded here, so each architecture is written by ``edgesafe
 published configs, random weights, a small tokenizer vocabulary) with 24 captioned images. Each
 recipe runs through the CLI, one stage per process (prune, finetune, export), with the recipe as
 shipped except: the stand-in model and images, ``data.resolution`` (256 by default, the calibration
-and fine-tuning size), a few fine-tuning steps at batch 1. Per stage: wall time, the process's peak
+and fine-tuning size), a few fine-tuning steps at batch 1, and as few sampling steps for the export's
+INT8 calibration and parity images (which run at the model's 512 px). Per stage: wall time, the process's peak
 resident memory, and the stage's own figures; the fine-tune's memory estimate against its measured
 peak; whether plain diffusers loads the pruned folder. The bench stage does not exist yet.
 

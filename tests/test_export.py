@@ -194,3 +194,25 @@ def test_a_coreml_folder_without_the_tokenizer_files_is_rejected(pipe, coreml_di
     (bad / "merges.txt").unlink()
     with pytest.raises(EdgesafeError, match="missing merges.txt"):
         validate_coreml(pipe, bad)
+
+
+@pytest.mark.parametrize("method,op", [("coreml-linear8", "constexpr_affine_dequantize"),
+                                       ("coreml-palettize6", "constexpr_lut_to_dense")])
+def test_coreml_quantizers_leave_a_77_token_causal_mask_alone(pipe, tmp_path, method, op):
+    """At SD's 77 tokens CLIP's causal mask (-inf above the diagonal) is big enough to count as a weight."""
+    import copy
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from edgesafe.export.coreml import _convert, _specs, describe_package
+
+    sd_length = copy.copy(pipe)
+    sd_length.tokenizer = copy.deepcopy(pipe.tokenizer)
+    sd_length.tokenizer.model_max_length = 77
+    torch.manual_seed(0)
+    sd_length.text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(pipe.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=64)).eval()
+    factory, inputs, outputs = _specs(sd_length)["TextEncoder"]
+    COREML_QUANTIZERS[method](_convert(factory(), inputs, outputs)).save(str(tmp_path / "TextEncoder.mlpackage"))
+    assert describe_package(tmp_path / "TextEncoder.mlpackage")["ops"].get(op, 0) >= 4  # q, k, v, out, fc1, fc2

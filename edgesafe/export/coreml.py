@@ -118,19 +118,30 @@ def _convert(module: nn.Module, inputs: dict[str, tuple[int, ...]], outputs: lis
     )
 
 
+def _every_finite_weight(model, op_config):
+    """A config compressing every weight with ``op_config`` but the constants that hold infinities (CLIP's
+    causal attention mask at 77 tokens is large enough to count as a weight), which neither k-means nor a
+    linear scale can represent."""
+    import coremltools.optimize.coreml as cto
+
+    skip = {name: None for name, meta in cto.get_weights_metadata(model, weight_threshold=2048).items()
+            if not np.isfinite(meta.val).all()}
+    return cto.OptimizationConfig(global_config=op_config, op_name_configs=skip)
+
+
 def _linear8(model):
     import coremltools.optimize.coreml as cto
 
-    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
-    return cto.linear_quantize_weights(model, config)
+    op_config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8")
+    return cto.linear_quantize_weights(model, _every_finite_weight(model, op_config))
 
 
 def _palettize(nbits: int):
     def apply(model):
         import coremltools.optimize.coreml as cto
 
-        config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=nbits))
-        return cto.palettize_weights(model, config)
+        op_config = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits)
+        return cto.palettize_weights(model, _every_finite_weight(model, op_config))
 
     return apply
 
