@@ -10,9 +10,9 @@ INT8 calibration and parity images (which run at the model's 512 px). Per stage:
 resident memory, and the stage's own figures; the fine-tune's memory estimate against its measured
 peak; whether plain diffusers loads the pruned folder. The bench stage does not exist yet.
 
-Resumable: results are written after every run, and a rerun skips runs already completed at this
-commit (an incomplete one starts again from its first stage). Heavy: one run at a time, about 20 GB
-of disk in --work.
+Resumable: results are written after every run, each with the commit it ran at; a rerun skips the
+completed runs (delete the file to measure everything afresh) and starts an incomplete one again from
+its first stage. Heavy: one run at a time, about 20 GB of disk in --work.
 
     python benchmarks/real_scale.py [--arch sd-1.5] [--recipe iphone15] [--work /tmp/edgesafe-real-scale]
 """
@@ -112,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     here = provenance()
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    runs = [r for r in old.get("runs", []) if r.get("commit") == here["commit"]]
+    runs = old.get("runs", [])
     recipes = [p for p in real_recipes() if not args.recipe or p.stem in args.recipe]
     for arch in args.arch or ARCHS:
         for recipe in recipes:
