@@ -116,6 +116,29 @@ def test_each_onnx_quantizer_shrinks_the_unet_and_keeps_the_image(pipe, onnx_dir
     assert 12 < figures["image_psnr_db"] < 100  # changed, yet still the same picture
 
 
+def test_static_calibration_one_feed_at_a_time_gives_the_ranges_of_all_at_once(onnx_dir, calibration, tmp_path):
+    """int8-ort-static folds each feed's ranges in before the next (bounded memory at SD size); the scales
+    must be those of holding every feed at once."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from edgesafe.export.quantize import OPS, _prepared, _Reader, quantize_folder
+
+    strided = quantize_folder(onnx_dir, tmp_path / "strided", "int8-ort-static", calibration) / "unet" / "model.onnx"
+    whole = tmp_path / "whole.onnx"
+    quantize_static(str(_prepared(onnx_dir / "unet" / "model.onnx", tmp_path)), str(whole), _Reader(calibration),
+                    quant_format=QuantFormat.QDQ, op_types_to_quantize=OPS, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, extra_options={"ActivationSymmetric": False})
+
+    def scales(path):
+        return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+                if i.name.endswith(("_scale", "_zero_point"))}
+
+    a, b = scales(strided), scales(whole)
+    assert len(a) > 100 and a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_weight_only_int8_dequantizes_to_the_weights():
     w = np.random.default_rng(0).standard_normal((16, 8, 3, 3)).astype(np.float32)
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 5, 5])
