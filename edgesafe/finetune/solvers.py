@@ -44,7 +44,7 @@ class Solver:
     """State and update rule of one solver; ``step`` returns the figures logged for the curves."""
 
     steps_upper_opt: ClassVar[bool] = False
-    """Whether the solver steps ``upper_opt`` (whose AdamW states then take memory)."""
+    """Whether the solver steps ``upper_opt`` (whose optimizer states then take memory)."""
 
     student: nn.Module
     upper_params: list[nn.Parameter]
