@@ -49,7 +49,8 @@ class Measured:
 
 
 def run_cli(*args: str, log: Path) -> Measured:
-    """Run ``edgesafe ARGS`` in a child process (output to ``log``); its wall time and peak RSS."""
+    """Run ``edgesafe ARGS`` in a child process (output to ``log``); its wall time and peak RSS. The child's
+    peak starts from this process's resident memory at the fork, so call it from a small process."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with log.open("w") as out:

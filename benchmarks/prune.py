@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgesafe-real-scale"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "prune.json")
     args = parser.parse_args()
+    cli = [] if args.skip_cli else cli_prune(args.work)  # first, while this process is small (see run_cli)
     torch.manual_seed(0)
     pipe = load_pipeline("zoo:tiny-shapes")
     tiny_len = pipe.tokenizer.model_max_length
@@ -108,7 +109,6 @@ def main() -> None:
     models["sd-1.5"] = sweep("sd-1.5", sd15, text_length=TEXT_LENGTH["sd-1.5"], latency_batch=2, repeats=2,
                              latency=not args.skip_sd15_latency)
     del sd15
-    cli = [] if args.skip_cli else cli_prune(args.work)
     done = [r for r in cli if r["returncode"] == 0]
     efficiencies = [r["latency_efficiency"] for m in models.values() for r in m["ratios"] if "latency_efficiency" in r]
     result = {
