@@ -11,6 +11,8 @@ from typing import Any
 
 from diffusers import UNet2DConditionModel
 
+from ..errors import ModelLoadError
+
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 
@@ -56,8 +58,9 @@ TEXT_LENGTH = {"sd-1.5": 77, "sd-2.1-base": 77}
 
 
 def check_architecture(name: str) -> None:
+    """One clear error for a name that is not a published architecture edgesafe knows."""
     if name not in UNET_CONFIGS:
-        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(UNET_CONFIGS)}")
+        raise ModelLoadError(f"unknown architecture {name!r}; known: {', '.join(UNET_CONFIGS)}")
 
 
 def build_unet(name: str, *, device: str = "cpu") -> UNet2DConditionModel:

@@ -19,7 +19,14 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..io import atomic_dir
-from .architectures import SCHEDULER_CONFIG, TEXT_ENCODER_CONFIGS, TEXT_LENGTH, UNET_CONFIGS, VAE_CONFIGS
+from .architectures import (
+    SCHEDULER_CONFIG,
+    TEXT_ENCODER_CONFIGS,
+    TEXT_LENGTH,
+    UNET_CONFIGS,
+    VAE_CONFIGS,
+    check_architecture,
+)
 
 
 def write_standin(arch: str, folder: Path, *, seed: int = 0) -> Path:
@@ -27,8 +34,7 @@ def write_standin(arch: str, folder: Path, *, seed: int = 0) -> Path:
     from ..zoo.tiny_shapes import world
     from ..zoo.tiny_shapes.tokenizer import write_tokenizer
 
-    if arch not in UNET_CONFIGS:
-        raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(UNET_CONFIGS)}")
+    check_architecture(arch)
     folder = Path(folder)
     torch.manual_seed(seed)
     with atomic_dir(folder) as tmp:
