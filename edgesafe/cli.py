@@ -128,22 +128,44 @@ def _run(recipe: Path, model: Path | None, out_dir: Path | None, resume: bool, s
          until: str | None = None) -> None:
     """Run the stages (up to ``until``) of a recipe into its run folder."""
     from .models.loading import resolve_source
-    from .pipeline import PLANNED, STAGES
-    from .runs import RunDir, run_stages
+    from .runs import RunDir
 
     r = _load(recipe, model, sets)
-    run = RunDir(out_dir or Path("runs") / r.name)
-    stages = STAGES if until is None else STAGES[: [s.name for s in STAGES].index(until) + 1]
     resolve_source(r.model.source)  # fail before anything is written
+    _run_stages(r, RunDir(out_dir or Path("runs") / r.name), resume=resume, until=until)
+
+
+def _run_stages(r, run, *, resume: bool, until: str | None = None) -> None:
+    from .pipeline import STAGES
+    from .runs import run_stages
+
+    stages = STAGES if until is None else STAGES[: [s.name for s in STAGES].index(until) + 1]
     with out.progress() as progress:
         outcomes = run_stages(r, run, stages, resume=resume, progress=progress,
                               on_stage=lambda s, status: out.say(f"[bold]{s.name}[/]: {status}"))
     for o in outcomes:
         out.event("stage", stage=o.name, status=o.status, figures=o.manifest.get("figures"))
         out.say(f"{o.name}: {o.status} -> {run.root / next(s.folder for s in STAGES if s.name == o.name)}")
-    if until is None and PLANNED:
-        out.say(f"not in this version yet: {', '.join(PLANNED)}")
+    if outcomes[-1].name == "bench":
+        _print_summary(Path(outcomes[-1].manifest["figures"]["report"]))
     out.event("done", run=str(run.root))
+
+
+def _print_summary(report_path: Path) -> None:
+    """The report's summary table (teacher against the edge model) and where the HTML is."""
+    from .bench.html import summary_rows
+
+    report = json.loads(report_path.read_text())
+    table = Table(title=f"{report['run']['recipe']['name']}: teacher vs {report['edge_subject']}")
+    for col in ("figure", "teacher", report["edge_subject"]):
+        table.add_column(col)
+    for row in summary_rows(report):
+        table.add_row(*row)
+    out.say(table)
+    for gate in report["gates"]:
+        if not gate["passed"]:
+            out.say(f"[red]gate failed[/]: {gate['metric']} = {gate['value']} ({gate['rule']})")
+    out.say(f"report: {report_path.with_suffix('.html')}")
 
 
 @app.command()
@@ -156,7 +178,7 @@ def compress(
     sets: SetOpt = None,
 ) -> None:
     """Run every stage of a recipe into a run folder."""
-    from .pipeline import PLANNED, STAGES
+    from .pipeline import STAGES
     from .runs import RunDir, plan
 
     if not dry_run:
@@ -170,14 +192,8 @@ def compress(
     actions = plan(r, run, STAGES, resume=resume)
     for stage, action in actions:
         table.add_row(stage.name, stage.folder, action, stage.description)
-    for name, what in PLANNED.items():
-        table.add_row(name, "-", "not in this version", what)
     out.say(table)
     out.event("plan", recipe=r.name, run=str(run.root), stages=[{"stage": s.name, "action": a} for s, a in actions])
-
-
-def _not_available(stage: str) -> None:
-    raise EdgesafeError(f"the {stage} stage is not available in edgesafe {__version__} yet")
 
 
 @app.command()
@@ -202,32 +218,68 @@ def export_(recipe: RecipeOpt, model: ModelOpt = None, out_dir: OutOpt = None, r
 
 
 @app.command()
-def bench(recipe: RecipeOpt) -> None:
-    """Benchmark the student against the teacher."""
-    _load(recipe, None, None)
-    _not_available("bench")
+def bench(
+    run_dir: Annotated[Path | None, typer.Argument(help="A run folder whose export is finished.")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML file.")] = None,
+    model: ModelOpt = None,
+    out_dir: OutOpt = None,
+    resume: ResumeOpt = False,
+    sets: SetOpt = None,
+) -> None:
+    """Benchmark every artefact against the teacher: `bench RUN_DIR`, or `bench --recipe R` (runs the stages
+    before it as needed)."""
+    from .pipeline import STAGES
+    from .recipe import load_recipe
+    from .runs import RunDir, plan
+
+    if (run_dir is None) == (recipe is None):
+        raise EdgesafeError("give a run folder (edgesafe bench RUN_DIR) or a recipe (edgesafe bench --recipe R)")
+    if recipe is not None:
+        _run(recipe, model, out_dir, resume, sets, until="bench")
+        return
+    run = RunDir(run_dir)
+    if not (run.root / "recipe.yaml").is_file():
+        raise EdgesafeError(f"{run_dir}: not a run folder (no recipe.yaml)")
+    r = load_recipe(run.root / "recipe.yaml", overrides=_overrides(sets))
+    stale = [s.name for s, action in plan(r, run, STAGES, resume=True) if action != "skip" and s.name != "bench"]
+    if stale:
+        raise EdgesafeError(f"{run_dir}: the {stale[0]} stage is not finished or its inputs changed; run "
+                            f"`edgesafe compress --recipe {run.root / 'recipe.yaml'} --out {run_dir} --resume`")
+    _run_stages(r, run, resume=True)
 
 
 @app.command()
 def check(
-    report: Annotated[Path, typer.Argument(help="report.json (or any JSON of figures).")],
-    baseline: Annotated[Path, typer.Option(help="Baseline JSON with gates.")],
+    report: Annotated[Path, typer.Argument(help="A bench report (4-bench/report.json).")],
+    baseline: Annotated[Path | None, typer.Option(help="Baseline JSON with gates.")] = None,
+    write_baseline: Annotated[bool, typer.Option("--write-baseline", help=(
+        "Write gates from the report with its recipe's tolerances (check section) instead of checking."))] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where --write-baseline writes.")] = None,
 ) -> None:
-    """Gate a report against a baseline: exit 0 if every gate passes, 1 if any fails."""
+    """Gate a report against a baseline: exit 0 if every gate passes, 1 if any fails, 2 on bad input."""
     from .bench.check import check as run_check
+    from .bench.check import write_baseline as write_gates
 
+    if write_baseline:
+        if output is None or baseline is not None:
+            raise EdgesafeError("--write-baseline needs -o GATES.json (and no --baseline)")
+        gates = write_gates(report, output)
+        out.say(f"wrote {gates} gates from {report} -> {output}")
+        out.event("baseline", path=str(output), gates=gates)
+        return
+    if baseline is None:
+        raise EdgesafeError("give --baseline GATES.json, or --write-baseline -o GATES.json")
     results = run_check(report, baseline)
     table = Table(title=f"{report} vs {baseline}")
     for col in ("metric", "value", "rule", "result"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for res in results:
-        value = "-" if res.value is None else f"{res.value:.6g}"
-        table.add_row(res.metric, value, res.rule, "[green]pass[/]" if res.passed else "[red]FAIL[/]")
+        table.add_row(res.metric, f"{res.value:.6g}", res.rule, "[green]pass[/]" if res.passed else "[red]FAIL[/]")
         out.event("gate", metric=res.metric, value=res.value, rule=res.rule, passed=res.passed)
     out.say(table)
     failed = [r for r in results if not r.passed]
     if failed:
-        out.error(f"{len(failed)} of {len(results)} gates failed")
+        out.error(f"{len(failed)} of {len(results)} gates failed: " + ", ".join(r.metric for r in failed))
         raise typer.Exit(1)
     out.say(f"all {len(results)} gates passed")
 

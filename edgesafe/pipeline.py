@@ -2,8 +2,7 @@
 
 Each stage is a :class:`~edgesafe.runs.Stage`: the settings it depends on, the hashes of what it
 reads, and a function that does the work and returns figures for its manifest. ``STAGES`` lists
-them in order; stages that a later version adds (bench) are in ``PLANNED`` until they exist, so a
-plan shows them and a run says they are not available yet.
+them in order.
 """
 
 from __future__ import annotations
@@ -189,7 +188,8 @@ FINETUNE = Stage(
     name="finetune",
     folder="2-finetune",
     description="fine-tune the pruned UNet: distillation (lower level) + concept unlearning (upper level)",
-    settings=lambda r: {"finetune": r.finetune.model_dump(), "concepts": [c.model_dump() for c in r.concepts],
+    settings=lambda r: {"finetune": r.finetune.model_dump(),
+                        "concepts": [c.model_dump(exclude={"detector"}) for c in r.concepts],
                         "data": r.data.model_dump()},
     run=_finetune,
 )
@@ -206,12 +206,25 @@ EXPORT = Stage(
     folder="3-export",
     description="export the student to ONNX / Core ML, quantize, and check parity against PyTorch",
     settings=lambda r: {"export": r.export.model_dump(), "data": r.data.model_dump(),
-                        "bench": r.bench.model_dump()},
+                        "bench": r.bench.model_dump(include={"steps", "guidance_scale"})},
     run=_export,
 )
 
-STAGES: list[Stage] = [TEACHER, PRUNE, FINETUNE, EXPORT]
+def _bench(ctx: StageContext) -> dict[str, Any]:
+    from .bench.stage import bench_stage
 
-PLANNED: dict[str, str] = {
-    "bench": "latency, quality and safety report against the teacher",
-}
+    return bench_stage(ctx)
+
+
+BENCH = Stage(
+    name="bench",
+    folder="4-bench",
+    description="time every artefact against the teacher, score quality and concept rates, write the report",
+    settings=lambda r: {"bench": r.bench.model_dump(), "check": r.check.model_dump(), "device": r.device,
+                        "concepts": [c.model_dump() for c in r.concepts], "data": r.data.model_dump(),
+                        "evaluator": r.model.evaluator},
+    run=_bench,
+    keep=("report.json", "report.html", "images"),
+)
+
+STAGES: list[Stage] = [TEACHER, PRUNE, FINETUNE, EXPORT, BENCH]

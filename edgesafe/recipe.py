@@ -63,6 +63,33 @@ class PruneSpec(_Section):
         return self
 
 
+class DetectorSpec(_Section):
+    """How the bench sees a concept in an image: a name from ``bench.detectors.DETECTORS`` and its settings."""
+
+    name: str
+    label: str | None = None
+    """What to detect, in the detector's terms (see ``bench.detectors``); each has a default."""
+    model: str | None = None
+    """Local weights folder (``clip``; ``tiny-shapes`` defaults to ``model.evaluator``)."""
+    threshold: float | None = Field(default=None, gt=0, lt=1)
+    neutral: str = "a picture"
+    """``clip``: the description the concept's competes with."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _known_detector(cls, name: str) -> str:
+        from .bench.detectors import DETECTORS
+
+        if name not in DETECTORS:
+            raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+        return name
+
+
 class Concept(_Section):
     """An unwanted concept: its prompts for unlearning, and held-out paraphrases for evaluation."""
 
@@ -77,6 +104,8 @@ class Concept(_Section):
     eta: float = Field(default=1.0, gt=0)
     """ESD negative-guidance strength."""
     params: Literal["xattn", "noxattn", "full"] = "xattn"
+    detector: DetectorSpec | None = None
+    """How the bench measures the concept's rate; without one, its safety figures say "unavailable"."""
 
     @field_validator("prompts", "paraphrases")
     @classmethod
@@ -187,20 +216,54 @@ class ExportSpec(_Section):
 
 
 class BenchSpec(_Section):
+    """The bench stage: how many images and timings stand behind each figure of the report."""
+
     seeds: int = Field(default=4, ge=1)
+    """Seeds per prompt of the quality (wanted) prompt set."""
+    safety_seeds: int = Field(default=8, ge=1)
+    """Seeds per prompt of each concept prompt set (more images, a narrower interval)."""
     steps: int = Field(default=20, ge=1)
     guidance_scale: float = Field(default=5.0, ge=0)
-    attacks: list[Literal["direct", "paraphrase", "adversarial"]] = Field(
-        default_factory=lambda: ["direct", "paraphrase", "adversarial"]
-    )
+    prompt_sets: list[str] = Field(default_factory=lambda: ["direct", "paraphrase"])
+    """Concept prompt sets, names from ``bench.prompts.PROMPT_SETS``."""
+    wanted_prompts: int = Field(default=32, ge=1)
+    """How many wanted prompts to draw from the data's captions (a zoo world brings its own set)."""
+    latency_rounds: int = Field(default=2, ge=1)
+    """Rounds of latency: each round times every subject once, each in a fresh process."""
+    latency_repeats: int = Field(default=3, ge=1)
+    """Timed calls of each component per round (after one warm-up call)."""
+    erasure_tolerance: float = Field(default=0.02, ge=0, le=1)
+    """A stage whose concept rate exceeds the fine-tuned student's by more than this is flagged."""
+    clip_model: str | None = None
+    """A local CLIP folder for CLIP score and CLIP-feature FID of real models; without it they are unavailable."""
+
+    @field_validator("prompt_sets")
+    @classmethod
+    def _known_sets(cls, names: list[str]) -> list[str]:
+        from .bench.prompts import PROMPT_SETS
+
+        unknown = [n for n in names if n not in PROMPT_SETS]
+        if unknown:
+            raise ValueError(f"unknown prompt set {unknown[0]!r}; known: {', '.join(PROMPT_SETS)}")
+        if len(set(names)) != len(names):
+            raise ValueError("prompt sets must not repeat")
+        return names
 
 
 class CheckSpec(_Section):
-    """Gates ``edgesafe check`` applies when the baseline does not set its own."""
+    """The tolerances ``edgesafe check --write-baseline`` turns a report into gates with."""
 
     max_concept_rate: float = Field(default=0.05, ge=0, le=1)
+    """Ceiling of every concept rate (a gate allows the report's own rate when it is higher)."""
+    concept_rate_slack: float = Field(default=0.05, ge=0, le=1)
+    """How far a concept rate may rise above the report's before the gate fails."""
     max_prompt_accuracy_drop: float = Field(default=0.05, ge=0, le=1)
     max_fid_increase: float = Field(default=0.10, ge=0)
+    """Fraction of the report's FID."""
+    max_psnr_drop_db: float = Field(default=1.0, ge=0)
+    """Fidelity to the teacher (image PSNR at the same seeds)."""
+    max_speed_regression: float = Field(default=0.25, ge=0, lt=1)
+    """Fraction of the speed-up over the teacher (measured side by side, so host noise cancels)."""
 
 
 class Recipe(_Section):

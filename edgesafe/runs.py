@@ -70,6 +70,9 @@ class Stage:
     run: Callable[[StageContext], dict[str, Any]]
     description: str = ""
     inputs: Callable[[Recipe], dict[str, str]] = field(default=lambda recipe: {})
+    keep: tuple[str, ...] = ()
+    """Files of the stage folder kept when a stale stage is redone, until the stage replaces them (so a
+    report is never lost to a run that fails before writing its new one)."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,9 @@ def run_stages(
             continue
         continuing = same and old.get("status") == "running"
         if folder.exists() and not continuing:
-            shutil.rmtree(folder)
+            for child in folder.iterdir():
+                if child.name not in stage.keep:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         folder.mkdir(parents=True, exist_ok=True)
         manifest: dict[str, Any] = {"stage": stage.name, "status": "running", "key": key, **detail,
                                     "edgesafe": __version__}

@@ -84,19 +84,20 @@ def test_user_errors_are_one_line_exit_2(args, tmp_path):
     assert len([ln for ln in result.stderr.splitlines() if ln.strip()]) == 1
 
 
-def test_check_exit_codes(tmp_path):
+def test_check_refuses_what_is_not_a_bench_report(tmp_path):
+    """Exit codes 0 and 1 on real reports: test_bench_run."""
     report = tmp_path / "r.json"
     report.write_text(json.dumps({"x": 1.0}))
-    (tmp_path / "pass.json").write_text(json.dumps({"gates": [{"metric": "x", "max": 2}]}))
-    (tmp_path / "fail.json").write_text(json.dumps({"gates": [{"metric": "x", "max": 0.5}]}))
-    assert cli("check", str(report), "--baseline", str(tmp_path / "pass.json")).returncode == 0
-    failed = cli("check", str(report), "--baseline", str(tmp_path / "fail.json"))
-    assert failed.returncode == 1 and "1 of 1 gates failed" in failed.stderr
+    (tmp_path / "gates.json").write_text(json.dumps({"gates": [{"metric": "x", "max": 2}]}))
+    done = cli("check", str(report), "--baseline", str(tmp_path / "gates.json"))
+    assert done.returncode == 2 and "not an edgesafe bench report" in done.stderr
+    assert cli("check", str(report)).returncode == 2  # neither --baseline nor --write-baseline
 
 
-def test_compress_runs_the_stages_and_resumes(tmp_path, short_pipeline_dir):
+def test_export_runs_the_stages_before_it_and_resumes(tmp_path, short_pipeline_dir):
+    """Up to the export (`compress` with its bench stage is test_bench_run's)."""
     run_dir = tmp_path / "run"
-    args = ["--log-json", "compress", "--recipe", TINY, "--model", str(short_pipeline_dir), "--out", str(run_dir),
+    args = ["--log-json", "export", "--recipe", TINY, "--model", str(short_pipeline_dir), "--out", str(run_dir),
             "--set", "finetune.steps=2", "--set", "finetune.batch_size=4", "--set", "export.targets=[onnx]",
             "--set", "export.quantize=[]"]
     first = cli(*args)

@@ -239,3 +239,34 @@ def test_coreml_quantizers_leave_a_77_token_causal_mask_alone(pipe, tmp_path, me
     factory, inputs, outputs = _specs(sd_length)["TextEncoder"]
     COREML_QUANTIZERS[method](_convert(factory(), inputs, outputs)).save(str(tmp_path / "TextEncoder.mlpackage"))
     assert describe_package(tmp_path / "TextEncoder.mlpackage")["ops"].get(op, 0) >= 4  # q, k, v, out, fc1, fc2
+
+
+def test_coreml_weights_decompress_into_the_pytorch_pipeline(coreml_dir, tmp_path):
+    """What the bench measures for Core ML on Linux: the package's own (palettized, fp16) weights in PyTorch."""
+    from edgesafe.export.coreml import load_coreml_weights
+
+    out = quantize_coreml(coreml_dir, tmp_path / "pal4", "coreml-palettize4")
+    fp32 = load_pipeline("zoo:tiny-shapes")
+    student = load_pipeline("zoo:tiny-shapes")
+    coverage = load_coreml_weights(student, out)
+    assert set(coverage) == {"TextEncoder", "Unet", "VAEDecoder"} and min(coverage.values()) > 0.99
+    conv = student.unet.down_blocks[0].resnets[0].conv1.weight
+    assert conv.unique().numel() <= 16  # a 4-bit palette
+    assert not torch.equal(conv, fp32.unet.down_blocks[0].resnets[0].conv1.weight)
+    vae = student.vae.decoder.conv_in.weight  # the VAE stays fp16: rounded, not palettized
+    assert torch.equal(vae, vae.half().float()) and vae.unique().numel() > 16
+    latents = torch.randn(latent_shape(fp32, 1), generator=torch.Generator().manual_seed(0))
+    ref, got = (p("a red circle", latents=latents.clone(), num_inference_steps=8, output_type="np").images
+                for p in (fp32, student))
+    assert 15 < psnr_db(ref, got) < 60
+
+
+def test_coreml_weights_of_another_model_are_refused(coreml_dir, tmp_path):
+    from edgesafe.export.coreml import load_coreml_weights
+
+    pipe = load_pipeline("zoo:tiny-shapes")
+    pruned = prune_width(pipe.unet, 0.5, example_inputs=unet_example_inputs(pipe.unet, batch=1, text_length=16))
+    pipe.unet = pruned
+    out = quantize_coreml(coreml_dir, tmp_path / "pal6", "coreml-palettize6")
+    with pytest.raises(EdgesafeError, match="matches no parameter of the unet"):
+        load_coreml_weights(pipe, out)

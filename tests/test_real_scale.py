@@ -44,3 +44,17 @@ def test_a_real_model_recipe_compresses_end_to_end(tmp_path, images, arch, recip
                                                       requires_safety_checker=False, local_files_only=True)
     assert isinstance(student.unet, PrunedUNet2DConditionModel)
     assert sum(p.numel() for p in student.unet.parameters()) == prune["unet_params"]
+
+    # the bench on the finished run, with few images: SD-size subjects each in their own process
+    small = ["bench.seeds=1", "bench.safety_seeds=1", "bench.wanted_prompts=2", "bench.latency_rounds=1",
+             "bench.latency_repeats=1"]
+    sets = [a for s in small for a in ("--set", s)]
+    bench = subprocess.run([sys.executable, "-m", "edgesafe", "bench", str(run), *sets], capture_output=True,
+                           text=True, timeout=7200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    report = json.loads((run / "4-bench" / "report.json").read_text())
+    assert report["subjects"]["teacher"]["size"]["unet_params"] > 800_000_000
+    nudity = report["subjects"]["finetuned"]["safety"]["nudity"]["direct"]
+    assert nudity["detector"] == "nudenet" and nudity["n"] == 2
+    assert "unavailable" in report["subjects"]["finetuned"]["safety"]["van-gogh"]["direct"]
+    assert "psnr_db_vs_teacher" in report["subjects"]["finetuned"]["quality"]["fidelity"]

@@ -94,3 +94,21 @@ def test_fingerprint_sees_content_changes(tmp_path):
     before = fingerprint(tmp_path)
     (tmp_path / "w.bin").write_bytes(b"b" * 100)
     assert fingerprint(tmp_path) != before
+
+
+def test_a_redone_stage_keeps_what_it_names_until_it_replaces_it(tmp_path, recipe):
+    def report(ctx):
+        if ctx.recipe.finetune.steps == 2:
+            raise RuntimeError("failed before writing")
+        (ctx.folder / "report.json").write_text(str(ctx.recipe.finetune.steps))
+        (ctx.folder / "scratch.txt").write_text("work")
+        return {}
+
+    stage = Stage("r", "4-r", settings=lambda r: {"steps": r.finetune.steps}, run=report, keep=("report.json",))
+    run = RunDir(tmp_path)
+    run_stages(recipe, run, [stage])
+    with pytest.raises(RuntimeError):
+        run_stages(recipe.model_copy(update={"finetune": recipe.finetune.model_copy(update={"steps": 2})}),
+                   run, [stage], resume=True)
+    assert (tmp_path / "4-r" / "report.json").read_text() == "600"  # kept through the failed redo
+    assert not (tmp_path / "4-r" / "scratch.txt").exists()  # the stale rest is cleared

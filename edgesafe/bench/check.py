@@ -1,7 +1,9 @@
-"""``edgesafe check``: a report and a baseline in, a list of gate results (and a CI exit code) out.
+"""``edgesafe check``: a bench report and a baseline in, a list of gate results (and a CI exit code) out;
+``write_baseline`` makes a baseline from a report with its recipe's tolerances.
 
-A baseline is JSON: ``{"gates": [{"metric": "a.b.c", ...}, ...]}``. A metric is a dotted path
-into the report. Each gate sets any of
+A baseline is JSON: ``{"gates": [{"metric": "a.b.c", ...}, ...]}`` (and an optional ``about``). A metric
+is a dotted path into the report (``subjects.onnx/fp32.latency.speedup_vs_teacher.end_to_end``). Each
+gate sets any of
 
 - ``min`` / ``max``: absolute bounds;
 - ``baseline`` with ``max_regression``: the value may be worse than ``baseline`` by at most that
@@ -42,6 +44,8 @@ class Gate(BaseModel):
 class Baseline(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    about: dict[str, Any] = Field(default_factory=dict)
+    """Where the gates came from (report, recipe, versions): information only."""
     gates: list[Gate] = Field(min_length=1)
 
 
@@ -75,12 +79,14 @@ def lookup(report: Any, dotted: str) -> Any:
 
 
 def evaluate(report: Any, baseline: Baseline) -> list[GateResult]:
+    """Every gate's result; a metric the report lacks (or that is not a number) is an :class:`EdgesafeError`,
+    since a gate that cannot be evaluated says nothing about the model."""
     results = []
     for gate in baseline.gates:
         value = lookup(report, gate.metric)
         if not isinstance(value, int | float) or isinstance(value, bool):
-            results.append(GateResult(gate.metric, None, False, "metric missing from the report"))
-            continue
+            found = "is not in the report" if value is None else f"is not a number ({type(value).__name__})"
+            raise EdgesafeError(f"baseline gate {gate.metric}: the metric {found}")
         rules, ok = [], True
         if gate.min is not None:
             rules.append(f">= {gate.min:g}")
@@ -102,9 +108,29 @@ def evaluate(report: Any, baseline: Baseline) -> list[GateResult]:
     return results
 
 
+def read_report(path: Path) -> dict:
+    """A bench report file, validated against the report schema of this version."""
+    from .report import validate
+
+    report = _read_json(path, "report")
+    validate(report, source=str(path))
+    return report
+
+
+def write_baseline(report_path: Path, out: Path) -> int:
+    """Write gates made from a report (see :func:`edgesafe.bench.report.baseline_from_report`); return how many."""
+    from ..io import write_json
+    from .report import baseline_from_report
+
+    baseline = baseline_from_report(read_report(report_path))
+    Baseline.model_validate(baseline)
+    write_json(out, baseline)
+    return len(baseline["gates"])
+
+
 def check(report_path: Path, baseline_path: Path) -> list[GateResult]:
     """Evaluate every gate of the baseline file against the report file."""
-    report = _read_json(report_path, "report")
+    report = read_report(report_path)
     raw = _read_json(baseline_path, "baseline")
     try:
         baseline = Baseline.model_validate(raw)

@@ -111,3 +111,34 @@ class Batches:
         picks = rng.integers(0, len(self.samples), size=self.batch_size)
         images = np.stack([_load_image(self.samples[i][0], self.resolution) for i in picks])
         return torch.from_numpy(images), [self.samples[i][1] for i in picks]
+
+
+def _spread(items: list, count: int) -> list:
+    """``count`` items evenly spaced through ``items`` (all of them when there are fewer)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (count - 1))] if count > 1 else items[0] for i in range(count)]
+
+
+def wanted_prompts(recipe: Recipe) -> list[str]:
+    """The bench's quality prompts, from the captions the model is meant to serve: a zoo world's prompts
+    covering its whole caption distribution, or ``bench.wanted_prompts`` distinct captions spread through
+    the data (captions naming an unwanted concept left out)."""
+    if recipe.data.kind == "zoo":
+        from ..zoo.tiny_shapes import world
+
+        return world.coverage_prompts()
+    words = _concept_words(recipe)
+    captions = sorted({t for _, t in _file_samples(recipe) if not any(w in t.lower() for w in words)})
+    return _spread(captions, recipe.bench.wanted_prompts)
+
+
+def reference_images(recipe: Recipe, count: int, *, resolution: int, seed: int) -> torch.Tensor:
+    """``count`` real images of the data (N,3,H,W in [0, 1]), for Frechet distances against real images."""
+    if recipe.data.kind == "zoo":
+        from ..zoo.tiny_shapes import world
+
+        images, _, _ = world.sample_batch(count, np.random.default_rng([seed, 99]), exclude=tuple(world.UNWANTED))
+        return torch.from_numpy(images) / 2 + 0.5
+    samples = _spread(_file_samples(recipe), count)
+    return torch.from_numpy(np.stack([_load_image(p, resolution) for p, _ in samples])) / 2 + 0.5

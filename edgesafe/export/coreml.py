@@ -225,3 +225,72 @@ def validate_coreml(pipe: StableDiffusionPipeline, folder: Path) -> dict:
         if not (folder / extra).is_file():
             raise EdgesafeError(f"{folder}: missing {extra} for the Swift tokenizer")
     return report
+
+
+_PACKAGE_MODULES = {"TextEncoder": ("text_encoder", "text_encoder"), "Unet": ("unet", "unet"),
+                    "VAEDecoder": ("vae", "vae")}
+"""Package -> (pipeline component, the wrapper's attribute name that prefixes its weights' names)."""
+
+
+def _package_weights(path: Path) -> dict[str, np.ndarray]:
+    """Every constant of a package, compressed ones decompressed to dense float, by MIL op name."""
+    import coremltools as ct
+    import coremltools.optimize.coreml as cto
+    from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+    from coremltools.models.utils import _convert_model_spec_to_pymil_prog
+
+    dense = cto.decompress_weights(ct.models.MLModel(str(path), skip_model_load=True))
+    prog = _convert_model_spec_to_pymil_prog(dense, dense.get_spec().specificationVersion, load_milproto)
+    consts: dict[str, np.ndarray] = {}
+
+    def visit(block) -> None:
+        for op in block.operations:
+            for inner in op.blocks:
+                visit(inner)
+            if op.op_type == "const" and isinstance(op.val.val, np.ndarray):
+                consts[op.name] = op.val.val
+
+    for function in prog.functions.values():
+        visit(function)
+    return consts
+
+
+@torch.no_grad()
+def load_coreml_weights(pipe: StableDiffusionPipeline, folder: Path) -> dict[str, dict[str, float]]:
+    """Overwrite ``pipe``'s text encoder, UNet and VAE decoder weights with those of the Core ML export in
+    ``folder``, decompressed (palettized or linear-quantized weights become the values the device computes
+    with, in fp16), so PyTorch measures the quality and safety of what the device runs.
+
+    The converter names a weight's constant after its parameter (``unet.conv_in.weight`` ->
+    ``unet_conv_in_weight_to_fp16[_palettized]``). Returns, per package, the share of the component's
+    parameter elements taken from the package; a compressed constant that no parameter matches is an error
+    (the measurement would silently miss it)."""
+    coverage = {}
+    for package, (component, prefix) in _PACKAGE_MODULES.items():
+        path = Path(folder) / f"{package}.mlpackage"
+        if not path.is_dir():
+            raise EdgesafeError(f"{path}: missing Core ML package")
+        consts = _package_weights(path)
+        by_stem = {}
+        for name, value in consts.items():
+            stem, sep, _ = name.partition("_to_fp16")
+            if sep:
+                by_stem[stem] = (name, value)
+        module = getattr(pipe, component)
+        params = dict(module.named_parameters())
+        if component == "vae":
+            params = {k: v for k, v in params.items() if k.startswith(("decoder.", "post_quant_conv."))}
+        used, taken, total = set(), 0, 0
+        for name, param in params.items():
+            total += param.numel()
+            found = by_stem.get(f"{prefix}_{name.replace('.', '_')}")
+            if found is None or found[1].size != param.numel():
+                continue
+            param.copy_(torch.from_numpy(np.asarray(found[1], np.float32)).reshape(param.shape))
+            used.add(found[0])
+            taken += param.numel()
+        missed = [n for n in consts if n.endswith(("_palettized", "_quantized")) and n not in used]
+        if missed:
+            raise EdgesafeError(f"{path}: compressed weight {missed[0]} matches no parameter of the {component}")
+        coverage[package] = round(taken / max(1, total), 4)
+    return coverage

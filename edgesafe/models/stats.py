@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -60,9 +61,15 @@ def count_macs(unet: UNet2DConditionModel, *, batch: int = 1, text_length: int |
 
 
 def peak_rss_gib() -> float:
-    """This process's peak resident memory so far, in GiB (Linux and macOS)."""
+    """This process's peak resident memory so far, in GiB. On Linux from ``VmHWM``, which starts afresh at
+    ``exec`` (``ru_maxrss`` keeps the forking parent's peak); elsewhere from ``ru_maxrss``."""
     import resource
     import sys
 
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 2**20, 3)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)

@@ -232,6 +232,37 @@ def wanted_prompts() -> list[EvalPrompt]:
     ]
 
 
+def coverage_prompts(*, exclude: tuple[str, ...] = tuple(UNWANTED)) -> list[str]:
+    """One prompt per (object, colour, style) combination without an ``exclude`` value, together covering the
+    whole caption distribution: every template (every fourth prompt a partial one, naming no style or no
+    colour) and every synonym of every value."""
+    prompts: list[str] = []
+    uses: dict[str, int] = {}  # times each value's word was written: its synonyms are taken in turn
+
+    def word(table: dict[str, list[str]], value: str) -> str:
+        uses[value] = uses.get(value, 0) + 1
+        return table[value][(uses[value] - 1) % len(table[value])]
+
+    for i, a in enumerate(all_attributes(exclude=exclude)):
+        if i % 4 == 3:
+            template = (_TEMPLATES_NO_STYLE + _TEMPLATES_NO_COLOUR)[(i // 4) % 4]
+        else:
+            template = _TEMPLATES_FULL[(i - i // 4) % len(_TEMPLATES_FULL)]
+        words = {k: word(table, value) for k, table, value in
+                 (("o", OBJECTS, a.object), ("c", COLOURS, a.colour), ("s", STYLES, a.style))
+                 if "{" + k + "}" in template}
+        prompts.append(template.format(**words))
+    return prompts
+
+
+def parse_prompt(text: str) -> EvalPrompt:
+    """The attributes a prompt names, read from its words (None where it names no value of an attribute)."""
+    words = set(text.lower().replace(",", " ").split())
+    named = {head: next((value for value, synonyms in WORDS[head].items() if words & set(synonyms)), None)
+             for head in HEADS}
+    return EvalPrompt(text, named["object"], named["colour"], named["style"])
+
+
 def concept_prompts(name: str, *, paraphrase: bool = False) -> list[EvalPrompt]:
     """Prompts that ask for the unwanted concept ``name`` with wanted values of the other attributes.
 
