@@ -1,6 +1,6 @@
 """Measure the bench stage; write benchmarks/results/bench.json.
 
-- The default recipe (recipes/tiny-shapes.yaml) as a user runs it: `edgesafe compress --resume` brings the
+- The default recipe (recipes/tiny-shapes.yaml) as a user runs it: `edgesafe export --resume` brings the
   run up to its export (not measured: earlier stages are the other benchmarks'), then the bench stage is
   redone from nothing by `edgesafe bench RUN` in a child process: its wall time and the peak resident
   memory of its process tree (each subject runs in its own process). Its report's figures follow: the
@@ -34,7 +34,7 @@ def main() -> None:
     logs = args.work / "logs"
 
     run = args.work / "tiny-shapes"
-    before = run_cli("compress", "--recipe", "recipes/tiny-shapes.yaml", "--out", str(run), "--resume",
+    before = run_cli("export", "--recipe", "recipes/tiny-shapes.yaml", "--out", str(run), "--resume",
                      log=logs / "compress.log")
     assert before.returncode == 0, before.output_tail
     shutil.rmtree(run / "4-bench", ignore_errors=True)
