@@ -73,7 +73,7 @@ class DetectorSpec(_Section):
     """Local weights folder (``clip``; ``tiny-shapes`` defaults to ``model.evaluator``)."""
     threshold: float | None = Field(default=None, gt=0, lt=1)
     neutral: str = "a picture"
-    """``clip``: the description the concept's competes with."""
+    """``clip``: the neutral description the concept's description competes with."""
 
     @model_validator(mode="before")
     @classmethod
