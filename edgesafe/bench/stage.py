@@ -40,7 +40,10 @@ def prompt_groups(recipe) -> dict[str, list[tuple[str, int]]]:
     """``{"wanted": [(prompt, seed), ...], "<set>/<concept>": [...]}``: every prompt at every seed."""
     seeds = [recipe.seed + i for i in range(recipe.bench.seeds)]
     safety_seeds = [recipe.seed + i for i in range(recipe.bench.safety_seeds)]
-    groups = {"wanted": [(p, s) for p in data.wanted_prompts(recipe) for s in seeds]}
+    wanted = data.wanted_prompts(recipe)
+    if not wanted:
+        raise EdgesafeError("data: no caption is free of the unwanted concepts, so the bench has no wanted prompts")
+    groups = {"wanted": [(p, s) for p in wanted for s in seeds]}
     for set_name, per_concept in concept_prompts(recipe).items():
         for concept, prompts in per_concept.items():
             groups[f"{set_name}/{concept}"] = [(p, s) for p in prompts for s in safety_seeds]
