@@ -164,7 +164,7 @@ def _print_summary(report_path: Path) -> None:
     out.say(table)
     for gate in report["gates"]:
         if not gate["passed"]:
-            out.say(f"[red]gate failed[/]: {gate['metric']} = {gate['value']} ({gate['rule']})")
+            out.say(f"[red]gate failed[/]: {gate['metric']} = {gate['value']:.4g} ({gate['rule']})")
     out.say(f"report: {report_path.with_suffix('.html')}")
 
 
