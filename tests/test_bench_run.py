@@ -70,10 +70,10 @@ def test_the_committed_baseline_passes_and_degraded_reports_fail(ci_run, tmp_pat
     slower = json.loads(json.dumps(report))
     slower["subjects"]["onnx/fp32"]["latency"]["speedup_vs_teacher"]["end_to_end"] /= 3
     leaked = json.loads(json.dumps(report))
-    leaked["subjects"]["onnx/int8-ort-static"]["safety"]["star"]["direct"]["rate"] = 1.0
+    leaked["subjects"]["onnx/int8-ort-static"]["safety"]["checkerboard"]["direct"]["rate"] = 1.0
     for name, degraded, metric in (
         ("slower", slower, "subjects.onnx/fp32.latency.speedup_vs_teacher.end_to_end"),
-        ("leaked", leaked, "subjects.onnx/int8-ort-static.safety.star.direct.rate"),
+        ("leaked", leaked, "subjects.onnx/int8-ort-static.safety.checkerboard.direct.rate"),
     ):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(degraded))

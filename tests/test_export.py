@@ -240,6 +240,17 @@ def test_coreml_quantizers_leave_a_77_token_causal_mask_alone(pipe, tmp_path, me
     COREML_QUANTIZERS[method](_convert(factory(), inputs, outputs)).save(str(tmp_path / "TextEncoder.mlpackage"))
     assert describe_package(tmp_path / "TextEncoder.mlpackage")["ops"].get(op, 0) >= 4  # q, k, v, out, fc1, fc2
 
+    # the bench reads the compressed weights back; at 77 positions the converter folds the position
+    # embedding lookup into a constant of its own name, matched to its parameter by value
+    from edgesafe.export.coreml import load_package_weights
+
+    encoder = copy.deepcopy(sd_length.text_encoder)
+    coverage = load_package_weights(encoder, tmp_path / "TextEncoder.mlpackage", "text_encoder")
+    positions = encoder.text_model.embeddings.position_embedding.weight
+    original = sd_length.text_encoder.text_model.embeddings.position_embedding.weight
+    assert coverage > 0.99 and not torch.equal(positions, original)
+    assert (positions - original).norm() / original.norm() < 0.1
+
 
 def test_coreml_weights_decompress_into_the_pytorch_pipeline(coreml_dir, tmp_path):
     """What the bench measures for Core ML on Linux: the package's own (palettized, fp16) weights in PyTorch."""

@@ -256,41 +256,51 @@ def _package_weights(path: Path) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def load_coreml_weights(pipe: StableDiffusionPipeline, folder: Path) -> dict[str, dict[str, float]]:
-    """Overwrite ``pipe``'s text encoder, UNet and VAE decoder weights with those of the Core ML export in
-    ``folder``, decompressed (palettized or linear-quantized weights become the values the device computes
-    with, in fp16), so PyTorch measures the quality and safety of what the device runs.
+def load_package_weights(module: nn.Module, path: Path, prefix: str, names: list[str] | None = None) -> float:
+    """Overwrite ``module``'s parameters (``names``, default all) with the dense values of the constants of
+    the package at ``path``; return the share of their elements taken from it.
 
     The converter names a weight's constant after its parameter (``unet.conv_in.weight`` ->
-    ``unet_conv_in_weight_to_fp16[_palettized]``). Returns, per package, the share of the component's
-    parameter elements taken from the package; a compressed constant that no parameter matches is an error
-    (the measurement would silently miss it)."""
+    ``unet_conv_in_weight_to_fp16[_palettized]``). A constant it computed from a parameter (CLIP's position
+    embeddings gathered at fixed positions become ``position_embeddings_to_fp16``) is matched by value: the
+    parameter of the same size it is closest to. A compressed constant matching no parameter is an error,
+    since the measurement would silently miss it."""
+    if not path.is_dir():
+        raise EdgesafeError(f"{path}: missing Core ML package")
+    consts = {name: value for name, value in _package_weights(path).items() if "_to_fp16" in name}
+    params = dict(module.named_parameters())
+    params = {n: params[n] for n in names} if names is not None else params
+    by_stem = {name.partition("_to_fp16")[0]: name for name in consts}
+    assigned: dict[str, str] = {}  # parameter -> constant
+    for name, param in params.items():
+        const = by_stem.get(f"{prefix}_{name.replace('.', '_')}")
+        if const is not None and consts[const].size == param.numel():
+            assigned[name] = const
+    used = set(assigned.values())
+    for const in (c for c in consts if c.endswith(("_palettized", "_quantized")) and c not in used):
+        value = torch.from_numpy(np.asarray(consts[const], np.float32)).flatten()
+        errors = {name: float((value - p.detach().flatten()).norm() / p.detach().norm().clamp(min=1e-12))
+                  for name, p in params.items() if name not in assigned and p.numel() == value.numel()}
+        best = min(errors, key=errors.get, default=None)
+        if best is None or errors[best] > 0.25:
+            raise EdgesafeError(f"{path}: compressed weight {const} matches no parameter of the {prefix}")
+        assigned[best] = const
+    for name, const in assigned.items():
+        params[name].copy_(torch.from_numpy(np.asarray(consts[const], np.float32)).reshape(params[name].shape))
+    total = sum(p.numel() for p in params.values())
+    return round(sum(params[n].numel() for n in assigned) / max(1, total), 4)
+
+
+def load_coreml_weights(pipe: StableDiffusionPipeline, folder: Path) -> dict[str, float]:
+    """Put the weights of the Core ML export in ``folder`` into ``pipe``'s text encoder, UNet and VAE decoder,
+    decompressed (palettized or linear-quantized weights become the fp16 values the device computes with),
+    so PyTorch measures the quality and safety of what the device runs. Returns, per package, the share of
+    the component's parameter elements taken from it (see :func:`load_package_weights`)."""
     coverage = {}
     for package, (component, prefix) in _PACKAGE_MODULES.items():
-        path = Path(folder) / f"{package}.mlpackage"
-        if not path.is_dir():
-            raise EdgesafeError(f"{path}: missing Core ML package")
-        consts = _package_weights(path)
-        by_stem = {}
-        for name, value in consts.items():
-            stem, sep, _ = name.partition("_to_fp16")
-            if sep:
-                by_stem[stem] = (name, value)
         module = getattr(pipe, component)
-        params = dict(module.named_parameters())
-        if component == "vae":
-            params = {k: v for k, v in params.items() if k.startswith(("decoder.", "post_quant_conv."))}
-        used, taken, total = set(), 0, 0
-        for name, param in params.items():
-            total += param.numel()
-            found = by_stem.get(f"{prefix}_{name.replace('.', '_')}")
-            if found is None or found[1].size != param.numel():
-                continue
-            param.copy_(torch.from_numpy(np.asarray(found[1], np.float32)).reshape(param.shape))
-            used.add(found[0])
-            taken += param.numel()
-        missed = [n for n in consts if n.endswith(("_palettized", "_quantized")) and n not in used]
-        if missed:
-            raise EdgesafeError(f"{path}: compressed weight {missed[0]} matches no parameter of the {component}")
-        coverage[package] = round(taken / max(1, total), 4)
+        names = None
+        if component == "vae":  # the decoder package holds the decoder's half of the VAE
+            names = [n for n, _ in module.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
+        coverage[package] = load_package_weights(module, Path(folder) / f"{package}.mlpackage", prefix, names)
     return coverage
