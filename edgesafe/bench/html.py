@@ -101,18 +101,10 @@ def _scatter_plot(report: dict) -> str:
 
 
 def _curves_plot(curves: list[dict]) -> str | None:
-    terms = sorted({k for row in curves for k in row if k != "step"})
-    if not terms:
-        return None
-    fig, axes = plt.subplots(len(terms), 1, figsize=(6, 1.5 * len(terms)), sharex=True, squeeze=False)
-    for ax, term in zip(axes[:, 0], terms, strict=True):
-        points = [(row["step"], row[term]) for row in curves if term in row]
-        ax.plot([p[0] for p in points], [p[1] for p in points], lw=0.8)
-        ax.set_ylabel(term, fontsize=7)
-        if all(p[1] > 0 for p in points):
-            ax.set_yscale("log")
-    axes[-1, 0].set_xlabel("step")
-    return _svg(fig)
+    from ..finetune.curves import plot_curves
+
+    fig = plot_curves(curves)
+    return _svg(fig) if fig is not None else None
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
