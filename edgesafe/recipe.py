@@ -23,6 +23,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _registered(name: str, registry: dict, what: str) -> str:
+    """``name`` if ``registry`` has it; else the error a recipe field shows, listing the known names."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(registry)}")
+    return name
+
+
 class ModelSpec(_Section):
     """The teacher: ``zoo:NAME`` or a local diffusers folder (SD 1.x / 2.x layout)."""
 
@@ -85,9 +92,7 @@ class DetectorSpec(_Section):
     def _known_detector(cls, name: str) -> str:
         from .bench.detectors import DETECTORS
 
-        if name not in DETECTORS:
-            raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
-        return name
+        return _registered(name, DETECTORS, "detector")
 
 
 class Concept(_Section):
@@ -179,9 +184,7 @@ class FinetuneSpec(_Section):
     def _known_optimizer(cls, name: str) -> str:
         from .finetune.optimizers import OPTIMIZERS
 
-        if name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
-        return name
+        return _registered(name, OPTIMIZERS, "optimizer")
 
 
 QUANTIZERS = ("int8-ort-dynamic", "int8-ort-static", "int8-nncf", "int8-hybrid",
@@ -242,9 +245,8 @@ class BenchSpec(_Section):
     def _known_sets(cls, names: list[str]) -> list[str]:
         from .bench.prompts import PROMPT_SETS
 
-        unknown = [n for n in names if n not in PROMPT_SETS]
-        if unknown:
-            raise ValueError(f"unknown prompt set {unknown[0]!r}; known: {', '.join(PROMPT_SETS)}")
+        for name in names:
+            _registered(name, PROMPT_SETS, "prompt set")
         if len(set(names)) != len(names):
             raise ValueError("prompt sets must not repeat")
         return names

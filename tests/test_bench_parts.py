@@ -83,6 +83,10 @@ def test_detector_settings_are_checked(tmp_path):
         build_detectors(_with_detector(tmp_path, {"name": "tiny-shapes", "label": "object=dragon"}))
     with pytest.raises(EdgesafeError, match="no CLIP model folder"):
         build_detectors(_with_detector(tmp_path, {"name": "clip", "model": str(tmp_path / "none")}))
+    with pytest.raises(EdgesafeError, match="tiny-shapes takes no threshold"):
+        build_detectors(_with_detector(tmp_path, {"name": "tiny-shapes", "threshold": 0.5}))
+    with pytest.raises(EdgesafeError, match="nudenet uses the model its package ships"):
+        build_detectors(_with_detector(tmp_path, {"name": "nudenet", "model": str(tmp_path)}))
     with pytest.raises(EdgesafeError, match="clip needs 'model'"):
         build_detectors(_with_detector(tmp_path, {"name": "clip"}))
     with pytest.raises(RecipeError, match="unknown prompt set 'adversarial'"):

@@ -39,6 +39,9 @@ class ShapesDetector(Detector):
     def __init__(self, concept, recipe):
         from ..models.loading import load_evaluator
 
+        if concept.detector.threshold is not None:
+            raise EdgesafeError(f"concepts.{concept.name}.detector: tiny-shapes takes no threshold (the evaluator "
+                                "names one value per head)")
         source = concept.detector.model or recipe.model.evaluator
         if not source:
             raise EdgesafeError(f"concepts.{concept.name}.detector: tiny-shapes needs the world's evaluator "
@@ -73,6 +76,9 @@ class NudeNetDetector(Detector):
             raise EdgesafeError(f"concepts.{concept.name}.detector: nudenet needs its package: "
                                 "pip install 'edgesafe[nudenet]'") from None
         spec = concept.detector
+        if spec.model:
+            raise EdgesafeError(f"concepts.{concept.name}.detector: nudenet uses the model its package ships; "
+                                "remove 'model'")
         self.classes = tuple(c.strip() for c in spec.label.split(",")) if spec.label else NUDENET_EXPOSED
         self.threshold = spec.threshold if spec.threshold is not None else 0.6
         self.detector = NudeDetector()
