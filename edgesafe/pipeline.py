@@ -21,6 +21,7 @@ from .finetune.curves import save_curves
 from .finetune.losses import DenoisingTask
 from .finetune.memory import peak_gib
 from .finetune.trainer import Trainer
+from .finetune.trainer import stage_settings as finetune_settings
 from .models.loading import load_pipeline, resolve_source
 from .models.saving import save_student
 from .models.stats import count_macs, count_params, param_bytes, peak_rss_gib
@@ -188,7 +189,7 @@ FINETUNE = Stage(
     name="finetune",
     folder="2-finetune",
     description="fine-tune the pruned UNet: distillation (lower level) + concept unlearning (upper level)",
-    settings=lambda r: {"finetune": r.finetune.model_dump(),
+    settings=lambda r: {"finetune": finetune_settings(r),
                         "concepts": [c.model_dump(exclude={"detector"}) for c in r.concepts],
                         "data": r.data.model_dump()},
     run=_finetune,

@@ -159,16 +159,38 @@ class LowerLevel(_Section):
 
 
 class FinetuneSpec(_Section):
-    solver: Literal["kd", "two-stage", "bilevel-penalty", "bilevel-alternating"] = "bilevel-penalty"
+    """Fine-tuning: the solver (``finetune.solvers.SOLVERS``) and its settings. Each solver reads the shared
+    settings and its own (``Solver.reads``); see docs/architecture.md for what each optimises."""
+
+    solver: str = "bilevel-alternating"
     steps: int = Field(default=2000, ge=1)
+    """Lower-level (distillation) steps."""
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-4, gt=0)
-    upper_lr: float = Field(default=1e-5, gt=0)
+    upper_lr: float = Field(default=5e-4, gt=0)
+    """The concepts' subsets' optimizer (two-stage, bilevel-alternating, bilevel-penalty)."""
     lower: LowerLevel = LowerLevel()
+    upper_latents: Literal["lower-batch", "concept-images", "model-samples"] = "lower-batch"
+    """Where the unlearning loss's noisy latents come from (``finetune.upper.UPPER_LATENTS``)."""
+    erase_steps: int | None = Field(default=None, ge=1)
+    """two-stage: erase steps after the ``steps`` lower steps; default 5% of ``steps``."""
+    erase_against: Literal["teacher", "distilled"] = "teacher"
+    """two-stage: the unlearning targets come from the teacher, or (ESD on the distilled checkpoint, as the
+    paper's authors ran their baseline) from a frozen copy of the student as distillation left it."""
+    upper_every: int = Field(default=10, ge=1)
+    """bilevel-alternating: an upper step every N iterations."""
     penalty_lambda: float = Field(default=1.0, gt=0)
+    """bilevel-penalty: lambda at the first step."""
+    penalty_growth: float = Field(default=10.0, ge=1)
+    """bilevel-penalty: lambda grows linearly to ``penalty_lambda * penalty_growth`` at the last step."""
     inner_steps: int = Field(default=1, ge=1)
-    upper_every: int = Field(default=1, ge=1)
-    gap_every: int = Field(default=1, ge=1)
+    """bilevel-penalty: phi's steps on the lower level per iteration."""
+    unlearn_target: float = Field(default=1.0, gt=0, le=100)
+    """constrained: each concept's unlearning loss must fall under this multiple of the teacher's own on the
+    same batch (the teacher's measures how far its concept prompts are from the objective's target; a
+    student erases below 1)."""
+    dual_lr: float = Field(default=1.0, gt=0)
+    """constrained: the multipliers' dual-ascent step."""
     checkpoint_every: int = Field(default=200, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast the forward passes and hold the frozen teacher in this precision (the student keeps fp32
@@ -185,6 +207,20 @@ class FinetuneSpec(_Section):
         from .finetune.optimizers import OPTIMIZERS
 
         return _registered(name, OPTIMIZERS, "optimizer")
+
+    @field_validator("solver")
+    @classmethod
+    def _known_solver(cls, name: str) -> str:
+        from .finetune.solvers import SOLVERS
+
+        return _registered(name, SOLVERS, "solver")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _erase_steps(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("erase_steps") is None and isinstance(data.get("steps", 2000), int):
+            data = {**data, "erase_steps": max(1, round(data.get("steps", 2000) / 20))}
+        return data
 
 
 QUANTIZERS = ("int8-ort-dynamic", "int8-ort-static", "int8-nncf", "int8-hybrid",
@@ -290,6 +326,15 @@ class Recipe(_Section):
         if name not in known:
             raise ValueError(f"unknown device {name!r}; known: {', '.join(known)}")
         return name
+
+    @model_validator(mode="after")
+    def _solver_fits_the_concepts(self) -> Recipe:
+        from .finetune.solvers import SOLVERS
+
+        problem = SOLVERS[self.finetune.solver].problem(self.concepts)
+        if problem:
+            raise ValueError(f"finetune.solver {self.finetune.solver} {problem}")
+        return self
 
     @field_validator("concepts")
     @classmethod

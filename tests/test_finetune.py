@@ -11,78 +11,116 @@ from torch import nn
 
 from edgesafe import load_pipeline
 from edgesafe.errors import CheckpointError, EdgesafeError
-from edgesafe.finetune.solvers import SOLVERS, StepLosses
+from edgesafe.finetune.solvers import SOLVERS, Setup, StepLosses, UpperTerm
 from edgesafe.finetune.trainer import Interrupted, Trainer
+from edgesafe.models.loading import load_evaluator
 from edgesafe.models.stats import unet_example_inputs
 from edgesafe.prune import prune_width
-from edgesafe.recipe import load_recipe
+from edgesafe.recipe import FinetuneSpec, load_recipe
 
 from .conftest import ROOT
 
 
 class Toy(nn.Module):
-    def __init__(self):
+    def __init__(self, **values):
         super().__init__()
-        self.a = nn.Parameter(torch.tensor(0.0))
-        self.b = nn.Parameter(torch.tensor(0.0))
+        for name, v in values.items():
+            setattr(self, name, nn.Parameter(torch.tensor(float(v))))
 
 
-def toy_losses():
-    # L_ft = (a-1)^2 + (b-1)^2 ; L_unlearn = (b+1)^2, reaching only b
-    return StepLosses(lower=lambda m: (m.a - 1) ** 2 + (m.b - 1) ** 2, upper=lambda m: (m.b + 1) ** 2)
+def run_toy(solver, lower, upper, subsets, *, start=None, steps=300, **settings):
+    """Run ``solver`` with SGD (lr 0.1) on a toy model; ``upper`` maps a concept to (its loss, the teacher's
+    loss on the batch)."""
+    model = Toy(**(start or {"a": 0.0, "b": 0.0}))
+    ft = FinetuneSpec(solver=solver, steps=steps, **{"lr": 0.1, "upper_lr": 0.1, **settings})
+    built = SOLVERS[solver](Setup(model, ft, subsets, build=lambda params, lr: torch.optim.SGD(params, lr=lr)))
+    terms = [UpperTerm(c, loss, lambda ref=ref: torch.tensor(ref)) for c, (loss, ref) in upper.items()]
+    figures = [built.step(i, StepLosses(lower, terms)) for i in range(built.total_steps())]
+    return model, built, figures
 
 
-def run_toy(name, steps=300, **kw):
-    model = Toy()
-    solver = SOLVERS[name](
-        student=model, upper_params=[model.b], lower_opt=torch.optim.SGD(model.parameters(), lr=0.1),
-        upper_opt=torch.optim.SGD([model.b], lr=0.1), lower_steps=steps, **kw,
-    )
-    if name == "bilevel-penalty":
-        solver.phi = Toy()
-        solver.phi_opt = torch.optim.SGD(solver.phi.parameters(), lr=0.1)
-    figures = [solver.step(i, toy_losses()) for i in range(solver.total_steps())]
-    return model, solver, figures
+def fit(m):  # L_ft = (a-1)^2 + (b-1)^2
+    return (m.a - 1) ** 2 + (m.b - 1) ** 2
+
+
+def forget_b(m):  # L_un = (b+1)^2
+    return (m.b + 1) ** 2
 
 
 def test_kd_ignores_the_concept():
-    model, _, _ = run_toy("kd")
+    model, _, _ = run_toy("kd", fit, {"c": (forget_b, 4.0)}, {"c": ["b"]})
     assert model.a.item() == pytest.approx(1, abs=1e-4) and model.b.item() == pytest.approx(1, abs=1e-4)
 
 
 def test_two_stage_erases_after_distilling():
-    model, solver, figures = run_toy("two-stage")
-    assert solver.total_steps() == 600 and "upper" in figures[-1] and "lower" in figures[0]
+    model, solver, figures = run_toy("two-stage", fit, {"c": (forget_b, 4.0)}, {"c": ["b"]}, erase_steps=200)
+    assert solver.total_steps() == 500 and "upper" in figures[-1] and "lower" in figures[0]
     assert model.a.item() == pytest.approx(1, abs=1e-4)  # untouched by the erase stage
     assert model.b.item() == pytest.approx(-1, abs=1e-4)  # forgets L_ft entirely on b
 
 
-@pytest.mark.parametrize(("lam", "b_star"), [(1.0, 0.0), (3.0, 0.5)])
-def test_bilevel_penalty_reaches_the_penalised_optimum(lam, b_star):
-    # argmin_b (b+1)^2 + lam * (b-1)^2  =  (lam - 1) / (lam + 1)
-    model, solver, figures = run_toy("bilevel-penalty", penalty_lambda=lam, inner_steps=2)
-    assert model.a.item() == pytest.approx(1, abs=1e-3)
-    assert model.b.item() == pytest.approx(b_star, abs=1e-3)
-    assert solver.phi.b.item() == pytest.approx(1, abs=1e-3)  # phi solves the lower level
-    assert figures[-1]["gap"] == pytest.approx((b_star - 1) ** 2, abs=1e-3)
-    first = run_toy("bilevel-penalty", steps=1, penalty_lambda=lam)[0]
-    assert 0 < first.a.item() and first.b.item() < first.a.item()  # the first step already trades b off
+def test_each_concepts_gradient_reaches_only_its_own_subset():
+    # concept x's loss also pulls c toward 5, but x may move only b; concept y moves c toward -1.
+    # Merging the subsets would let x pull c to (50 - 1) / 11.
+    upper = {"x": (lambda m: (m.b + 1) ** 2 + 10 * (m.c - 5) ** 2, 1.0), "y": (lambda m: (m.c + 1) ** 2, 1.0)}
+    model, _, figures = run_toy("two-stage", fit, upper, {"x": ["b"], "y": ["c"]}, start={"a": 0, "b": 0, "c": 0},
+                                steps=1, erase_steps=300, upper_lr=0.02)
+    assert model.b.item() == pytest.approx(-1, abs=1e-3) and model.c.item() == pytest.approx(-1, abs=1e-3)
+    assert {"upper.x", "upper.y"} <= set(figures[-1])
 
 
-def test_phi_measures_the_gap_without_steering_theta():
-    every, sparse = run_toy("bilevel-penalty", steps=40, penalty_lambda=3.0)[:2], run_toy(
-        "bilevel-penalty", steps=40, penalty_lambda=3.0, gap_every=7)[:2]
-    assert every[0].b.item() == sparse[0].b.item() and every[0].a.item() == sparse[0].a.item()
-    figures = run_toy("bilevel-penalty", steps=15, gap_every=7)[2]
-    assert [i for i, f in enumerate(figures) if "gap" in f] == [0, 7, 14]
+def test_every_upper_step_erases_every_concept():
+    # with two concepts and an even upper_every, cycling concepts by step number erased only one of them
+    upper = {"x": (forget_b, 4.0), "y": (lambda m: (m.c + 1) ** 2, 1.0)}
+    model, _, figures = run_toy("bilevel-alternating", lambda m: (m.a - 1) ** 2, upper, {"x": ["b"], "y": ["c"]},
+                                start={"a": 0, "b": 0, "c": 0}, upper_every=2, steps=400)
+    assert model.b.item() == pytest.approx(-1, abs=1e-3) and model.c.item() == pytest.approx(-1, abs=1e-3)
+    assert [i for i, f in enumerate(figures[:6]) if "upper" in f] == [1, 3, 5]
 
 
 def test_bilevel_alternating_fixed_point():
     # lower then upper SGD steps on b with lr 0.1: b = 0.64 b - 0.04  =>  b = -1/9
-    model, _, figures = run_toy("bilevel-alternating", upper_every=1)
+    model, _, _ = run_toy("bilevel-alternating", fit, {"c": (forget_b, 4.0)}, {"c": ["b"]}, upper_every=1)
     assert model.b.item() == pytest.approx(-1 / 9, abs=1e-4) and model.a.item() == pytest.approx(1, abs=1e-4)
-    _, _, sparse = run_toy("bilevel-alternating", steps=10, upper_every=5)
-    assert sum("upper" in f for f in sparse) == 2
+
+
+def test_bilevel_penalty_solves_the_bilevel_problem_not_a_weighted_sum():
+    # upper variable x (the concept's subset), lower variable y:
+    #   L_ft(x, y) = (y - x)^2 + (x - 1)^2, so y*(x) = x;   L_un(x, y) = (y + 1)^2.
+    # The bilevel solution min_x L_un(x, y*(x)) is x = y = -1. A weighted sum L_un + lambda L_ft has its
+    # optimum elsewhere ((x - 1)^2 pulls x toward 1); the value function's gradient removes that pull.
+    def lower(m):
+        return (m.y - m.x) ** 2 + (m.x - 1) ** 2
+
+    for lam in (0.5, 3.0):
+        model, solver, figures = run_toy("bilevel-penalty", lower, {"c": (lambda m: (m.y + 1) ** 2, 1.0)},
+                                         {"c": ["x"]}, start={"x": 0, "y": 0}, steps=3000, penalty_lambda=lam,
+                                         penalty_growth=1.0, inner_steps=3, lr=0.02, upper_lr=0.02)
+        assert model.x.item() == pytest.approx(-1, abs=2e-2) and model.y.item() == pytest.approx(-1, abs=2e-2)
+        assert solver.phi.y.item() == pytest.approx(model.x.item(), abs=1e-2)  # phi's z solves the lower level
+        assert figures[-1]["gap"] == pytest.approx(0, abs=1e-3)
+
+
+def test_bilevel_penalty_lambda_grows_linearly():
+    _, solver, figures = run_toy("bilevel-penalty", fit, {"c": (forget_b, 4.0)}, {"c": ["b"]}, steps=5,
+                                 penalty_lambda=2.0, penalty_growth=5.0)
+    assert [f["lambda"] for f in figures] == pytest.approx([2.0, 4.0, 6.0, 8.0, 10.0])
+
+
+def test_bilevel_penalty_needs_a_lower_level():
+    with pytest.raises(EdgesafeError, match="needs parameters outside the concepts' subsets"):
+        run_toy("bilevel-penalty", fit, {"c": (forget_b, 4.0)}, {"c": ["a", "b"]}, steps=1)
+
+
+def test_constrained_meets_its_target_at_the_constrained_optimum():
+    # min (b-1)^2 s.t. (b+1)^2 <= target * 4 with target 1/4: b <= 0, so b* = 0 (the constraint binds)
+    model, solver, figures = run_toy("constrained", lambda m: (m.b - 1) ** 2, {"c": (forget_b, 4.0)}, {"c": ["b"]},
+                                     start={"b": 1.0}, steps=3000, unlearn_target=0.25, dual_lr=0.05, lr=0.02)
+    assert model.b.item() == pytest.approx(0, abs=2e-2)
+    assert solver.multipliers["c"] > 0 and abs(figures[-1]["violation.c"]) < 0.05
+    loose = run_toy("constrained", lambda m: (m.b - 1) ** 2, {"c": (forget_b, 4.0)}, {"c": ["b"]},
+                    start={"b": 1.0}, steps=500, unlearn_target=1.0, lr=0.02)
+    assert loose[0].b.item() == pytest.approx(1, abs=1e-3) and loose[1].multipliers["c"] == 0  # already satisfied
 
 
 # --- the real loop ---------------------------------------------------------------------------
@@ -96,39 +134,96 @@ def setup(short_pipeline_dir):
     return teacher, student, overrides
 
 
-def make_trainer(setup, folder, solver="bilevel-penalty"):
+def make_trainer(setup, folder, solver="bilevel-penalty", **settings):
     import copy
 
     teacher, student, overrides = setup
-    recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides={**overrides, "finetune.solver": solver})
+    recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml",
+                         overrides={**overrides, "finetune.solver": solver, **settings})
     return Trainer(teacher, copy.deepcopy(student), recipe, folder)
 
 
-@pytest.mark.parametrize("solver", ["kd", "two-stage", "bilevel-penalty", "bilevel-alternating"])
+@pytest.mark.parametrize("solver", list(SOLVERS))
 def test_every_solver_trains_the_real_student(setup, tmp_path, solver):
     before = {k: v.clone() for k, v in setup[1].state_dict().items()}
     result = make_trainer(setup, tmp_path, solver).run(resume=False, checkpoint_every=2)
-    assert result.steps == (8 if solver == "two-stage" else 4) and len(result.curves) == result.steps
+    assert result.steps == (5 if solver == "two-stage" else 4) and len(result.curves) == result.steps
     changed = [k for k, v in result.student.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(torch.isfinite(v).all() for v in result.student.state_dict().values())
     assert "denoise" in result.curves[0] and "feature_kd" in result.curves[0]
 
 
-def test_interrupt_and_resume_match_an_uninterrupted_run(setup, tmp_path):
-    whole = make_trainer(setup, tmp_path / "whole").run(resume=False, checkpoint_every=100)
+@pytest.mark.parametrize("solver", ["bilevel-penalty", "constrained"])
+def test_interrupt_and_resume_match_an_uninterrupted_run(setup, tmp_path, solver):
+    whole = make_trainer(setup, tmp_path / "whole", solver).run(resume=False, checkpoint_every=100)
 
     def stop_at_two(done, total):
         if done == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(Interrupted, match="at step 2"):
-        make_trainer(setup, tmp_path / "cut").run(resume=False, checkpoint_every=100, progress=stop_at_two)
+        make_trainer(setup, tmp_path / "cut", solver).run(resume=False, checkpoint_every=100, progress=stop_at_two)
     assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == 2
-    resumed = make_trainer(setup, tmp_path / "cut").run(resume=True, checkpoint_every=100)
+    resumed = make_trainer(setup, tmp_path / "cut", solver).run(resume=True, checkpoint_every=100)
     assert resumed.resumed_from == 2
     for k, v in whole.student.state_dict().items():
         assert torch.allclose(v, resumed.student.state_dict()[k], atol=1e-6), k
     assert [c["lower"] for c in resumed.curves] == pytest.approx([c["lower"] for c in whole.curves], abs=1e-6)
+    assert resumed.curves[-1] == pytest.approx(whole.curves[-1], abs=1e-5)  # multipliers, lambda, gap too
+
+
+def test_two_stage_erase_steps_skip_the_lower_levels_teacher(setup, tmp_path):
+    trainer = make_trainer(setup, tmp_path, "two-stage", **{"finetune.erase_steps": 3})
+    calls = []
+    teacher_outputs = trainer.objective.teacher_outputs
+    trainer.objective.teacher_outputs = lambda inputs: calls.append(1) or teacher_outputs(inputs)
+    result = trainer.run(resume=False, checkpoint_every=100)
+    assert result.steps == 7 and len(calls) == 4  # one per lower step, none for the 3 erase steps
+
+
+def test_two_stage_erases_against_the_distilled_copy(setup, tmp_path):
+    kd = make_trainer(setup, tmp_path / "kd", "kd").run(resume=False, checkpoint_every=100)
+    trainer = make_trainer(setup, tmp_path / "two", "two-stage", **{"finetune.erase_against": "distilled"})
+    assert trainer.memory_estimate.copies == 4 * sum(p.numel() for p in trainer.student.parameters())
+    result = trainer.run(resume=False, checkpoint_every=100)
+    distilled = trainer.solver.distilled.state_dict()
+    for name, value in kd.student.state_dict().items():  # the copy is the student as distillation left it
+        assert torch.equal(distilled[name], value), name
+    erased = result.student.state_dict()
+    assert any(not torch.equal(erased[n], v) for n, v in distilled.items() if ".attn2." in n)
+    assert all(torch.equal(erased[n], v) for n, v in distilled.items() if ".attn2." not in n)  # xattn only
+
+
+def test_upper_latents_from_the_teachers_concept_images_are_cached_once(setup, tmp_path):
+    import copy
+
+    from edgesafe.finetune.upper import CACHE, CONCEPT_IMAGES
+
+    shipped = load_pipeline("zoo:tiny-shapes")  # a teacher that draws the concepts
+    settings = {**setup[2], "finetune.solver": "bilevel-alternating", "finetune.upper_latents": "concept-images"}
+    recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides=settings)
+    first = Trainer(shipped, copy.deepcopy(setup[1]), recipe, tmp_path)
+    cache = tmp_path / CACHE
+    stamp = cache.stat().st_mtime_ns
+    latents, which = first.upper.latents["star"]
+    assert latents.shape[0] == CONCEPT_IMAGES and set(which) == set(range(5))
+    images = first.task.pipe.vae.decode(latents[:16] / first.task.pipe.vae.config.scaling_factor).sample
+    evaluator = load_evaluator("zoo:tiny-shapes-evaluator")
+    names, _ = evaluator.classify(images.clamp(-1, 1))
+    assert sum(v == "star" for v in names["object"]) >= 12  # the teacher drew the concept
+    again = Trainer(shipped, copy.deepcopy(setup[1]), recipe, tmp_path)
+    assert cache.stat().st_mtime_ns == stamp and torch.equal(again.upper.latents["star"][0], latents)
+    lower = again._losses(0, {})
+    a = again.upper(again.recipe.concepts[1], 1, 5, 4, lambda: None)
+    b = again.upper(again.recipe.concepts[1], 1, 5, 4, lambda: None)
+    assert torch.equal(a.sample, b.sample) and all("star" in p for p in a.prompts) and lower.upper
+
+
+def test_upper_latents_sampled_from_the_model_being_erased(setup, tmp_path):
+    trainer = make_trainer(setup, tmp_path, "two-stage", **{"finetune.upper_latents": "model-samples"})
+    draws = [trainer.upper(trainer.recipe.concepts[0], 0, step, 4, lambda: None) for step in (3, 3, 4)]
+    assert torch.equal(draws[0].sample, draws[1].sample) and not torch.equal(draws[0].sample, draws[2].sample)
+    assert draws[0].sample.shape[0] == 4 and len(set(draws[0].timestep.tolist())) == 1
 
 
 def test_bad_checkpoints_are_clear_errors_and_never_replace_the_good_one(setup, tmp_path):
@@ -149,11 +244,10 @@ def test_bad_checkpoints_are_clear_errors_and_never_replace_the_good_one(setup, 
         Trainer(teacher, other, recipe, tmp_path).run(resume=True, checkpoint_every=2)
 
 
-def test_unlearning_solver_without_concepts(setup, tmp_path):
-    teacher, student, overrides = setup
-    recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides={**overrides, "concepts": []})
-    with pytest.raises(EdgesafeError, match="needs at least one concept"):
-        Trainer(teacher, student, recipe, tmp_path)
+def test_unlearning_solver_without_concepts():
+    with pytest.raises(EdgesafeError, match="finetune.solver bilevel-penalty needs at least one concept"):
+        load_recipe(ROOT / "recipes" / "tiny-shapes.yaml",
+                    overrides={"concepts": [], "finetune.solver": "bilevel-penalty"})
 
 
 @pytest.mark.parametrize("launcher", [
@@ -182,7 +276,8 @@ def _own_trainer(short_pipeline_dir, folder, **overrides):
     """A trainer on its own teacher (the trainer moves and casts its teacher's components)."""
     teacher = load_pipeline(short_pipeline_dir)
     student = prune_width(teacher.unet, 0.25, unet_example_inputs(teacher.unet, batch=1, text_length=16))
-    base = {"finetune.steps": 2, "finetune.batch_size": 4, "finetune.checkpoint_every": 100}
+    base = {"finetune.steps": 2, "finetune.batch_size": 4, "finetune.checkpoint_every": 100,
+            "finetune.solver": "bilevel-penalty"}
     recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides={**base, **overrides})
     return Trainer(teacher, student, recipe, folder)
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from edgesafe.finetune.losses import DenoisingTask, FeatureAligner, LowerObjective
-from edgesafe.finetune.unlearn import anchor_prompts, parameter_subset, unlearning_loss
+from edgesafe.finetune.unlearn import anchor_prompts, parameter_subset, unlearning_loss, unlearning_target
 from edgesafe.models.stats import unet_example_inputs
 from edgesafe.prune import prune_width
 from edgesafe.prune.width import KEPT_ATTR
@@ -92,8 +92,9 @@ def test_esd_target_by_hand():
     x, t = torch.zeros(2, 1, 2, 2), torch.tensor([1, 2])
     concept = Concept(name="star", target="star", prompts=["a red star"], eta=1.5)
     # student predicts 2 for the concept prompt; target = 0 - 1.5 * (2 - 0) = -3; loss = (2 + 3)^2
-    loss = unlearning_loss(ToyTeacher(), ToyTeacher(), x, t, concept, ["a red star"] * 2, encode)
-    assert loss.item() == pytest.approx(25.0)
+    prompts = ["a red star"] * 2
+    target = unlearning_target(ToyTeacher(), x, t, concept, prompts, encode)
+    assert unlearning_loss(ToyTeacher(), target, x, t, prompts, encode).item() == pytest.approx(25.0)
 
 
 def test_ablation_target_by_hand():
@@ -101,12 +102,12 @@ def test_ablation_target_by_hand():
     assert anchor_prompts(concept, ["a red STAR on a plain background"]) == ["a red circle on a plain background"]
     x, t = torch.zeros(1, 1, 2, 2), torch.tensor([1])
     # student says 2 for the star prompt; the teacher says 1 for the anchor prompt
-    loss = unlearning_loss(ToyTeacher(), ToyTeacher(), x, t, concept, ["a red star"], encode)
-    assert loss.item() == pytest.approx(1.0)
+    target = unlearning_target(ToyTeacher(), x, t, concept, ["a red star"], encode)
+    assert unlearning_loss(ToyTeacher(), target, x, t, ["a red star"], encode).item() == pytest.approx(1.0)
 
 
 def test_parameter_subsets_partition_the_unet(teacher):
-    full = {id(p) for p in parameter_subset(teacher, "full")}
-    xattn = {id(p) for p in parameter_subset(teacher, "xattn")}
-    rest = {id(p) for p in parameter_subset(teacher, "noxattn")}
+    full = set(parameter_subset(teacher, "full"))
+    xattn = set(parameter_subset(teacher, "xattn"))
+    rest = set(parameter_subset(teacher, "noxattn"))
     assert xattn and rest and not xattn & rest and xattn | rest == full

@@ -40,13 +40,14 @@ def test_defaults_are_filled_and_round_trip():
         ({"device": "nokia-3310"}, "device: unknown device 'nokia-3310'"),
         ({"finetune.stepz": 3}, "finetune.stepz: unknown key"),
         ({"budget.metric": "latency", "budget.ms_per_step": 90}, "budget: a latency budget needs exactly one of"),
-        ({"concepts": []}, None),
+        ({"concepts": [], "finetune.solver": "kd"}, None),
+        ({"concepts": [], "finetune.solver": "two-stage"}, "finetune.solver two-stage needs at least one concept"),
         ({"export.quantize": ["int4-magic"]}, "export.quantize: unknown quantizer 'int4-magic'"),
         ({"prune.method": "blocks"}, "prune: method 'blocks' needs 'blocks'"),
     ],
 )
 def test_bad_fields_name_file_path_and_expectation(override, expected):
-    if expected is None:  # an empty concept list is allowed (distillation only)
+    if expected is None:  # an empty concept list is allowed for distillation alone
         assert load_recipe(TINY, overrides=override).concepts == []
         return
     with pytest.raises(RecipeError) as err:
@@ -130,3 +131,43 @@ def test_mutated_recipes_load_or_raise_edgesafe_error(edits):
         assert isinstance(recipe_from_dict(data, source="mutated.yaml"), Recipe)
     except EdgesafeError as exc:
         assert str(exc).startswith("mutated.yaml: ")
+
+
+def test_solver_names_come_from_the_registry():
+    from edgesafe.finetune.solvers import SOLVERS
+
+    for name in SOLVERS:
+        assert load_recipe(TINY, overrides={"finetune.solver": name}).finetune.solver == name
+    with pytest.raises(RecipeError, match=r"finetune.solver: unknown solver 'bilevel'; known: kd, two-stage"):
+        load_recipe(TINY, overrides={"finetune.solver": "bilevel"})
+
+
+def test_two_stage_erases_for_five_percent_of_the_steps_by_default():
+    assert load_recipe(TINY, overrides={"finetune.steps": 600}).finetune.erase_steps == 30
+    assert load_recipe(TINY, overrides={"finetune.steps": 600, "finetune.erase_steps": 7}).finetune.erase_steps == 7
+
+
+def test_the_finetune_key_holds_only_what_the_solver_reads():
+    from edgesafe.pipeline import FINETUNE
+
+    def key(**overrides):
+        return FINETUNE.settings(load_recipe(TINY, overrides=overrides))
+
+    kd = {"finetune.solver": "kd"}
+    assert key(**kd) == key(**kd, **{"finetune.penalty_lambda": 7.0, "finetune.upper_every": 3})
+    assert key(**kd) != key(**kd, **{"finetune.lr": 3e-3})
+    pen = {"finetune.solver": "bilevel-penalty"}
+    assert key(**pen) != key(**pen, **{"finetune.penalty_lambda": 7.0})
+    assert key(**pen) == key(**pen, **{"finetune.upper_every": 3})
+    # sampled upper latents depend on the sampler's settings; the lower batch's do not
+    assert key(**pen) == key(**pen, **{"bench.steps": 9})
+    sampled = {**pen, "finetune.upper_latents": "model-samples"}
+    assert key(**sampled) != key(**sampled, **{"bench.steps": 9})
+
+
+def test_bilevel_penalty_needs_a_lower_level_left_by_the_concepts():
+    data = yaml.safe_load(TINY.read_text())
+    data["concepts"][1]["params"] = "noxattn"  # with the other's xattn: the whole UNet
+    with pytest.raises(RecipeError, match="leave no rest; give every concept the same xattn or noxattn subset"):
+        recipe_from_dict(data, overrides={"finetune.solver": "bilevel-penalty"})
+    assert recipe_from_dict(data, overrides={"finetune.solver": "bilevel-alternating"}).concepts[1].params == "noxattn"

@@ -1,8 +1,9 @@
 """What a fine-tune needs in memory, estimated before it starts, and the check that it fits.
 
 The estimate adds the frozen teacher (UNet, text encoder, VAE at the teacher's precision), the
-student with its gradients and optimizer states, the upper level's optimizer states, phi (the
-penalty solver's copy, with its own gradients and states), the feature projections, and the activations
+student with its gradients and optimizer states, the upper level's optimizer states, the solver's
+copies of the student (the penalty solver's phi with its own gradients and states; two-stage's frozen
+distilled copy), and the activations
 kept for the backward pass. Those are counted by tracing one training forward of the student on
 the ``meta`` device (nothing allocated) at the recipe's resolution, with gradient checkpointing when
 the recipe asks for it, and scaled to the step's samples; under mixed precision they are taken at
@@ -28,13 +29,13 @@ GIB = 2**30
 class MemoryEstimate:
     teacher: int
     student: int
-    phi: int
+    copies: int
     upper_states: int
     activations: int
 
     @property
     def total(self) -> int:
-        return self.teacher + self.student + self.phi + self.upper_states + self.activations
+        return self.teacher + self.student + self.copies + self.upper_states + self.activations
 
     def figures(self) -> dict[str, float]:
         return {k: round(v / GIB, 3) for k, v in {**asdict(self), "total": self.total}.items()}
@@ -63,11 +64,12 @@ def activation_bytes(unet: UNet2DConditionModel, *, latent_size: int, text_lengt
 
 
 def estimate(teacher: StableDiffusionPipeline, student: UNet2DConditionModel, *, resolution: int,
-             samples: int, half_precision: bool, checkpointing: bool, phi: bool, upper_fraction: float,
-             optimizer_state_bytes: int = 8) -> MemoryEstimate:
+             samples: int, half_precision: bool, checkpointing: bool, upper_fraction: float,
+             trained_copies: int = 0, frozen_copies: int = 0, optimizer_state_bytes: int = 8) -> MemoryEstimate:
     """The memory of a fine-tune; ``samples`` is how many samples one step's graph holds at once,
-    ``upper_fraction`` the share of the student's parameters with upper-level optimizer states, and
-    ``optimizer_state_bytes`` what the optimizer keeps per parameter."""
+    ``upper_fraction`` the share of the student's parameters with upper-level optimizer states,
+    ``trained_copies`` / ``frozen_copies`` the solver's copies of the student (phi; a frozen distilled
+    copy), and ``optimizer_state_bytes`` what the optimizer keeps per parameter."""
     scale = 0.5 if half_precision else 1.0
     frozen = sum(param_bytes(m) for m in (teacher.unet, teacher.text_encoder, teacher.vae))
     n = sum(p.numel() for p in student.parameters())
@@ -76,7 +78,7 @@ def estimate(teacher: StableDiffusionPipeline, student: UNet2DConditionModel, *,
                             text_length=teacher.tokenizer.model_max_length, samples=samples,
                             checkpointing=checkpointing)
     return MemoryEstimate(
-        teacher=int(frozen * scale), student=trained, phi=trained if phi else 0,
+        teacher=int(frozen * scale), student=trained, copies=trained * trained_copies + n * 4 * frozen_copies,
         upper_states=int(n * upper_fraction * optimizer_state_bytes), activations=int(acts * scale),
     )
 

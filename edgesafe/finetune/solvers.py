@@ -1,30 +1,48 @@
-"""Solvers: how one training step combines the lower level (L_ft) and the upper level (unlearning).
+"""Solvers: how one training step combines the lower level L_ft (distillation + denoising) and the upper
+level, one unlearning loss L_un,c per concept c, each reaching only the parameter subset its concept
+names (``concepts[].params``). Every upper step erases every concept.
 
-Registry ``SOLVERS`` keyed by the recipe's ``finetune.solver``:
+Registry ``SOLVERS``, keyed by the recipe's ``finetune.solver``; each class says which ``finetune``
+settings it reads (``reads``), whether it needs concepts, and which extra state it keeps:
 
-- ``kd``: the lower level only (distillation + denoising), the baseline that carries concepts over;
-- ``two-stage``: ``kd`` for every lower step, then erase steps with the upper objective alone;
-- ``bilevel-penalty`` (Shirkavand et al., CVPR 2025): min_theta max_phi L_un(theta) +
-  lambda * (L_ft(theta) - L_ft(phi)); phi, a copy of the student, takes K steps on L_ft (it tracks
-  min L_ft, so the penalty is theta's distillation gap), then theta descends the penalised
-  objective, the unlearning gradient reaching only the concept's parameter subset. L_ft(phi) does
-  not depend on theta, so phi never changes theta's update: it only measures the gap, and
-  ``gap_every`` runs phi's K steps (and the gap) every N outer steps to save their cost;
-- ``bilevel-alternating`` (the authors' released variant): one model, a lower step every
-  iteration and an upper step every N iterations, each with its own optimizer.
+- ``kd``: L_ft only (distillation + denoising), the baseline that carries concepts over;
+- ``two-stage``: ``steps`` lower steps, then ``erase_steps`` upper steps alone (erase after distilling),
+  against the teacher or, as the paper's authors ran it, against a frozen copy of the distilled student;
+- ``bilevel-alternating`` (the authors' released code): one model, a lower step every iteration and an
+  upper step every ``upper_every`` iterations, each level with its own optimizer;
+- ``bilevel-penalty``: a first-order value-function penalty method for
+  min_x L_un(x, y*(x)) s.t. y*(x) = argmin_y L_ft(x, y), the upper variables x being the concepts'
+  parameter subsets and the lower variables y the rest (F2SA / BOME style). It descends
+  L_un(x, y) + lambda * (L_ft(x, y) - L_ft(x, z)) where phi's lower block z tracks argmin_z L_ft(x, z)
+  (``inner_steps`` warm-started steps each iteration); lambda grows linearly from ``penalty_lambda`` to
+  ``penalty_lambda * penalty_growth``, pulling y onto the lower level's solution. x moves by
+  grad_x L_un + lambda * (grad_x L_ft(x, y) - grad_x L_ft(x, z)), the second term being the value
+  function's gradient; y by grad_y L_un + lambda * grad_y L_ft(x, y);
+- ``constrained``: min L_ft subject to L_un,c <= ``unlearn_target`` * (the teacher's L_un,c on the same
+  batch) for every concept, by gradient descent on the Lagrangian and dual ascent on its multipliers (step
+  ``dual_lr``): the user sets how much to erase, not a weight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..errors import EdgesafeError
+
 Loss = Callable[[nn.Module], torch.Tensor]
 GradSync = Callable[[torch.optim.Optimizer], None]
+BuildOptimizer = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+
+SHARED_SETTINGS = ("solver", "steps", "batch_size", "lr", "lower", "checkpoint_every", "mixed_precision",
+                   "gradient_checkpointing", "optimizer", "upper_latents")
+"""``finetune`` settings every solver reads (``upper_latents`` only where there are concepts)."""
 
 
 def no_sync(_opt: torch.optim.Optimizer) -> None:
@@ -32,127 +50,325 @@ def no_sync(_opt: torch.optim.Optimizer) -> None:
 
 
 @dataclass
-class StepLosses:
-    """What a step needs: L_ft of a model on this step's batch, and the unlearning loss of a model."""
+class UpperTerm:
+    """One concept's unlearning loss on this step's upper batch."""
 
-    lower: Loss
-    upper: Loss | None
+    concept: str
+    loss: Loss
+    """L_un of a model (the student, or phi) on the batch."""
+    reference: Callable[[], torch.Tensor]
+    """The frozen reference model's L_un on the same batch (how much of the concept it holds)."""
 
 
 @dataclass
-class Solver:
-    """State and update rule of one solver; ``step`` returns the figures logged for the curves."""
+class StepLosses:
+    """What a step needs: L_ft of a model on this step's batch, and each concept's unlearning loss."""
 
-    steps_upper_opt: ClassVar[bool] = False
-    """Whether the solver steps ``upper_opt`` (whose optimizer states then take memory)."""
+    lower: Loss
+    upper: list[UpperTerm] = field(default_factory=list)
+
+
+@dataclass
+class Setup:
+    """What a solver is built from."""
 
     student: nn.Module
-    upper_params: list[nn.Parameter]
-    lower_opt: torch.optim.Optimizer
-    upper_opt: torch.optim.Optimizer | None = None
-    phi: nn.Module | None = None
-    phi_opt: torch.optim.Optimizer | None = None
-    penalty_lambda: float = 1.0
-    inner_steps: int = 1
-    upper_every: int = 1
-    gap_every: int = 1
-    lower_steps: int = 0
-    sync: GradSync = no_sync
-    """Averages an optimizer's gradients over ranks before it steps (set by the trainer)."""
+    settings: Any
+    """The recipe's ``finetune`` section."""
+    subsets: dict[str, list[str]]
+    """Concept name -> names of the student's parameters its unlearning loss may move."""
+    build: BuildOptimizer
+    extra: list[nn.Parameter] = field(default_factory=list)
+    """Lower-level parameters beyond the student's (the feature projections)."""
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
     """Loss scaling for fp16 mixed precision (disabled otherwise: then it scales by one and just steps)."""
 
-    def step(self, i: int, losses: StepLosses) -> dict[str, float]:
-        raise NotImplementedError
 
+class Solver:
+    """State and update rule of one solver; ``step`` returns the figures logged for the curves."""
+
+    reads: ClassVar[tuple[str, ...]] = ()
+    """``finetune`` settings this solver reads beyond ``SHARED_SETTINGS``."""
+    needs_concepts: ClassVar[bool] = True
+    separate_upper_opt: ClassVar[bool] = False
+    """Whether the concepts' subsets have an optimizer of their own (whose states then take memory)."""
+
+    @classmethod
+    def problem(cls, concepts: list[Any]) -> str | None:
+        """Why this solver cannot run with the recipe's ``concepts`` (None when it can)."""
+        return "needs at least one concept to suppress" if cls.needs_concepts and not concepts else None
+
+    @classmethod
+    def copies(cls, settings: Any) -> tuple[int, int]:
+        """How many copies of the student it keeps beside it: (trained, with gradients and optimizer states;
+        frozen, weights only)."""
+        return 0, 0
+
+    def __init__(self, setup: Setup):
+        self.setup, self.ft, self.scaler = setup, setup.settings, setup.scaler
+        self.student = setup.student
+        self.named = dict(self.student.named_parameters())
+        self.subsets = {c: [self.named[n] for n in names] for c, names in setup.subsets.items()}
+        union = {n for names in setup.subsets.values() for n in names}
+        self.upper_params = [p for n, p in self.named.items() if n in union]
+        self.sync: GradSync = no_sync
+        """Averages an optimizer's gradients over ranks before it steps (set by the trainer)."""
+        self.lower_opt = setup.build(list(self.student.parameters()) + setup.extra, self.ft.lr)
+        self.upper_opt: torch.optim.Optimizer | None = None
+
+    # --- what the trainer saves and restores -----------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        opts = {"lower_opt": self.lower_opt}
+        if self.upper_opt is not None:
+            opts["upper_opt"] = self.upper_opt
+        return opts
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able state beyond modules and optimizers."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def reference_model(self, step: int) -> nn.Module | None:
+        """The frozen model the unlearning targets come from at ``step`` (None: the teacher)."""
+        return None
+
+    # --- the update --------------------------------------------------------------------------------
     def total_steps(self) -> int:
-        return self.lower_steps
+        return self.ft.steps
+
+    def step(self, i: int, losses: StepLosses) -> dict[str, float]:
+        figures = self.update(i, losses)
+        self.scaler.update()  # once per iteration: every gradient of an iteration shares one scale
+        return figures
+
+    def update(self, i: int, losses: StepLosses) -> dict[str, float]:
+        raise NotImplementedError
 
     def _descend(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self._step(opt)
+        self._apply(opt)
 
-    def _step(self, opt: torch.optim.Optimizer) -> None:
-        """Average the (scaled) gradients over ranks, then step, unscaling and skipping a step with inf/NaN."""
+    def _apply(self, opt: torch.optim.Optimizer) -> None:
+        """Average the (scaled) gradients over ranks, then step (unscaling, and skipping a step with inf/NaN)."""
         self.sync(opt)
         self.scaler.step(opt)
-        self.scaler.update()
+
+    def _add_grads(self, loss: torch.Tensor, params: list[nn.Parameter], weight: float = 1.0) -> None:
+        """Add d(weight * loss)/d(params), scaled, to the parameters' gradients."""
+        grads = torch.autograd.grad(self.scaler.scale(weight * loss), params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+
+    def _erase(self, terms: list[UpperTerm], params_of: Callable[[str], list[nn.Parameter]],
+               weight: Callable[[UpperTerm], float] = lambda _t: 1.0) -> dict[str, float]:
+        """Add every concept's unlearning gradient to ``params_of(concept)`` only; the losses, per concept
+        and their mean as ``upper``."""
+        figures = {}
+        for term in terms:
+            loss = term.loss(self.student)
+            self._add_grads(loss, params_of(term.concept), weight(term))
+            figures[f"upper.{term.concept}"] = loss.item()
+        figures["upper"] = sum(figures.values()) / len(figures)
+        return figures
 
 
 class KD(Solver):
-    def step(self, i: int, losses: StepLosses) -> dict[str, float]:
+    needs_concepts = False
+
+    def update(self, i: int, losses: StepLosses) -> dict[str, float]:
         loss = losses.lower(self.student)
         self._descend(self.lower_opt, loss)
         return {"lower": loss.item()}
 
 
 class TwoStage(Solver):
-    """Lower steps first; then as many erase steps as bilevel takes upper steps."""
+    """``steps`` lower steps, then ``erase_steps`` upper steps on the concepts' subsets."""
 
-    steps_upper_opt = True
+    reads = ("erase_steps", "upper_lr", "erase_against")
+    separate_upper_opt = True
+
+    @classmethod
+    def copies(cls, settings: Any) -> tuple[int, int]:
+        return 0, int(settings.erase_against == "distilled")
+
+    def __init__(self, setup: Setup):
+        super().__init__(setup)
+        self.upper_opt = setup.build(self.upper_params, self.ft.upper_lr)
+        self.distilled = None
+        if self.ft.erase_against == "distilled":  # ESD's own setting: targets from the model before erasing
+            self.distilled = copy.deepcopy(self.student).requires_grad_(False).eval()
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"distilled": self.distilled} if self.distilled is not None else {}
 
     def total_steps(self) -> int:
-        return self.lower_steps + self.lower_steps // self.upper_every
+        return self.ft.steps + self.ft.erase_steps
 
-    def step(self, i: int, losses: StepLosses) -> dict[str, float]:
-        if i < self.lower_steps:
+    def reference_model(self, step: int) -> nn.Module | None:
+        return self.distilled if step >= self.ft.steps else None
+
+    def update(self, i: int, losses: StepLosses) -> dict[str, float]:
+        if i < self.ft.steps:
             loss = losses.lower(self.student)
             self._descend(self.lower_opt, loss)
+            if i + 1 == self.ft.steps and self.distilled is not None:
+                self.distilled.load_state_dict(self.student.state_dict())
             return {"lower": loss.item()}
-        assert losses.upper is not None and self.upper_opt is not None
-        loss = losses.upper(self.student)
-        self._descend(self.upper_opt, loss)
-        return {"upper": loss.item()}
-
-
-class BilevelPenalty(Solver):
-    def step(self, i: int, losses: StepLosses) -> dict[str, float]:
-        assert self.phi is not None and self.phi_opt is not None and losses.upper is not None
-        phi_value = None
-        if i % self.gap_every == 0:
-            for _ in range(self.inner_steps):  # phi approaches argmin L_ft, warm-started
-                self._descend(self.phi_opt, losses.lower(self.phi))
-            with torch.no_grad():
-                phi_value = losses.lower(self.phi).item()
-        # theta's gradient, grad L_un (on the upper subset only) + lambda * grad L_ft, built one graph at a
-        # time in the gradient buffers themselves: the upper gradient first, then backward adds the lower one
-        self.lower_opt.zero_grad(set_to_none=True)
-        upper = losses.upper(self.student)
-        grads = torch.autograd.grad(self.scaler.scale(upper), self.upper_params, allow_unused=True)
-        for p, g in zip(self.upper_params, grads, strict=True):
-            p.grad = g
-        del grads
-        lower = losses.lower(self.student)
-        self.scaler.scale(self.penalty_lambda * lower).backward()
-        self._step(self.lower_opt)
-        figures = {"lower": lower.item(), "upper": upper.item()}
-        if phi_value is not None:
-            gap = lower.item() - phi_value
-            figures.update(phi_lower=phi_value, gap=gap, objective=upper.item() + self.penalty_lambda * gap)
+        self.upper_opt.zero_grad(set_to_none=True)
+        figures = self._erase(losses.upper, self.subsets.__getitem__)
+        self._apply(self.upper_opt)
         return figures
 
 
 class BilevelAlternating(Solver):
-    steps_upper_opt = True
+    reads = ("upper_every", "upper_lr")
+    separate_upper_opt = True
 
-    def step(self, i: int, losses: StepLosses) -> dict[str, float]:
+    def __init__(self, setup: Setup):
+        super().__init__(setup)
+        self.upper_opt = setup.build(self.upper_params, self.ft.upper_lr)
+
+    def update(self, i: int, losses: StepLosses) -> dict[str, float]:
         lower = losses.lower(self.student)
         self._descend(self.lower_opt, lower)
         figures = {"lower": lower.item()}
-        if (i + 1) % self.upper_every == 0:
-            assert losses.upper is not None and self.upper_opt is not None
-            upper = losses.upper(self.student)
-            self._descend(self.upper_opt, upper)
-            figures["upper"] = upper.item()
+        if (i + 1) % self.ft.upper_every == 0:
+            self.upper_opt.zero_grad(set_to_none=True)
+            figures.update(self._erase(losses.upper, self.subsets.__getitem__))
+            self._apply(self.upper_opt)
         return figures
+
+
+class BilevelPenalty(Solver):
+    """The value-function penalty method (see the module's docstring): x = the concepts' subsets, y = the rest,
+    phi's lower block z tracking argmin_z L_ft(x, z)."""
+
+    reads = ("upper_lr", "penalty_lambda", "penalty_growth", "inner_steps")
+    separate_upper_opt = True
+
+    @classmethod
+    def copies(cls, settings: Any) -> tuple[int, int]:
+        return 1, 0
+
+    @classmethod
+    def problem(cls, concepts: list[Any]) -> str | None:
+        subsets = {c.params for c in concepts}
+        if "full" in subsets or {"xattn", "noxattn"} <= subsets:
+            return ("splits the UNet into the concepts' parameters (upper level) and the rest (lower level), "
+                    f"but the concepts' params ({', '.join(sorted(subsets))}) leave no rest; give every concept the "
+                    "same xattn or noxattn subset, or choose another solver")
+        return super().problem(concepts)
+
+    def __init__(self, setup: Setup):
+        super().__init__(setup)
+        upper = {id(p) for p in self.upper_params}
+        self.lower_block = [p for p in self.student.parameters() if id(p) not in upper] + setup.extra
+        if len(self.lower_block) == len(setup.extra):
+            raise EdgesafeError("finetune.solver bilevel-penalty needs parameters outside the concepts' subsets for "
+                                "its lower level")
+        self.lower_opt = setup.build(self.lower_block, self.ft.lr)
+        self.upper_opt = setup.build(self.upper_params, self.ft.upper_lr)
+        self.phi = copy.deepcopy(self.student)
+        phi_named = dict(self.phi.named_parameters())
+        names = {id(p): n for n, p in self.named.items()}
+        self.phi_x = [phi_named[names[id(p)]] for p in self.upper_params]
+        self.phi_z = [p for n, p in phi_named.items() if id(self.named[n]) not in upper]
+        self.phi_opt = setup.build(self.phi_z, self.ft.lr)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"phi": self.phi}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {**super().optimizers(), "phi_opt": self.phi_opt}
+
+    def penalty(self, i: int) -> float:
+        """lambda at iteration ``i``: linear from ``penalty_lambda`` to ``penalty_lambda * penalty_growth``."""
+        frac = i / max(1, self.total_steps() - 1)
+        return self.ft.penalty_lambda * (1 + (self.ft.penalty_growth - 1) * frac)
+
+    def update(self, i: int, losses: StepLosses) -> dict[str, float]:
+        lam = self.penalty(i)
+        # phi: x copied from the student, z takes warm-started steps on L_ft(x, z); the last evaluation's
+        # gradient in x is the value function's gradient grad_x L_ft(x, z)
+        with torch.no_grad():
+            for q, p in zip(self.phi_x, self.upper_params, strict=True):
+                q.copy_(p)
+        for _ in range(self.ft.inner_steps):
+            phi_value = losses.lower(self.phi)
+            grads = torch.autograd.grad(self.scaler.scale(phi_value), self.phi_z + self.phi_x, allow_unused=True)
+            for p, g in zip(self.phi_z, grads[:len(self.phi_z)], strict=True):
+                p.grad = g
+            value_grad = grads[len(self.phi_z):]
+            self._apply(self.phi_opt)
+        # the student: x gets grad L_un + lambda (grad_x L_ft(x, y) - grad_x L_ft(x, z)); y gets
+        # grad_y L_un + lambda grad_y L_ft(x, y)
+        self.lower_opt.zero_grad(set_to_none=True)
+        self.upper_opt.zero_grad(set_to_none=True)
+        lower = losses.lower(self.student)
+        self._add_grads(lower, self.upper_params + self.lower_block, lam)
+        for p, g in zip(self.upper_params, value_grad, strict=True):
+            if g is not None:
+                p.grad = p.grad - lam * g
+        figures = self._erase(losses.upper, lambda c: self.subsets[c] + self.lower_block)
+        self._apply(self.lower_opt)
+        self._apply(self.upper_opt)
+        gap = lower.item() - phi_value.item()
+        return {"lower": lower.item(), **figures, "phi_lower": phi_value.item(), "gap": gap, "lambda": lam,
+                "objective": figures["upper"] + lam * gap}
+
+
+class Constrained(Solver):
+    """min L_ft s.t. L_un,c <= bound_c = target * L_un,c(teacher) for every concept. The Lagrangian's gradient is
+    grad L_ft + sum_c mu_c grad L_un,c / max(L_un,c, bound_c): scale-free above the bound (the gradient of
+    log L_un), bounded below it. Each multiplier takes dual-ascent steps on log(L_un,c / bound_c), smoothed
+    over steps (one batch is noisy)."""
+
+    reads = ("unlearn_target", "dual_lr")
+    EMA = 0.9
+
+    def __init__(self, setup: Setup):
+        super().__init__(setup)
+        self.multipliers = {c: 0.0 for c in self.subsets}
+        self.violations: dict[str, float] = {}
+
+    def state(self) -> dict[str, Any]:
+        return {"multipliers": self.multipliers, "violations": self.violations}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.multipliers, self.violations = dict(state["multipliers"]), dict(state["violations"])
+
+    def update(self, i: int, losses: StepLosses) -> dict[str, float]:
+        self.lower_opt.zero_grad(set_to_none=True)
+        lower = losses.lower(self.student)
+        self._add_grads(lower, list(self.student.parameters()) + self.setup.extra)
+        figures: dict[str, float] = {"lower": lower.item()}
+        uppers = []
+        for term in losses.upper:
+            loss = term.loss(self.student)
+            bound = max(self.ft.unlearn_target * term.reference().item(), 1e-12)
+            self._add_grads(loss, self.subsets[term.concept], self.multipliers[term.concept] / max(loss.item(), bound))
+            violation = math.log(max(loss.item(), 1e-12) / bound)
+            previous = self.violations.get(term.concept, violation)
+            smooth = self.violations[term.concept] = self.EMA * previous + (1 - self.EMA) * violation
+            self.multipliers[term.concept] = max(0.0, self.multipliers[term.concept] + self.ft.dual_lr * smooth)
+            uppers.append(loss.item())
+            figures.update({f"upper.{term.concept}": loss.item(), f"violation.{term.concept}": smooth,
+                            f"multiplier.{term.concept}": self.multipliers[term.concept]})
+        self._apply(self.lower_opt)
+        return {**figures, "upper": sum(uppers) / len(uppers)}
 
 
 SOLVERS: dict[str, type[Solver]] = {
     "kd": KD,
     "two-stage": TwoStage,
-    "bilevel-penalty": BilevelPenalty,
     "bilevel-alternating": BilevelAlternating,
+    "bilevel-penalty": BilevelPenalty,
+    "constrained": Constrained,
 }
-
-NEEDS_UPPER = {"two-stage", "bilevel-penalty", "bilevel-alternating"}

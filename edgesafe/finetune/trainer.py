@@ -11,7 +11,6 @@ after the current step with a checkpoint.
 
 from __future__ import annotations
 
-import copy
 import json
 import signal
 import time
@@ -29,14 +28,15 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from ..data import Batches, training_resolution
 from ..errors import CheckpointError, EdgesafeError
 from ..io import load_metadata, load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, write_json
-from ..recipe import Recipe
+from ..recipe import Concept, Recipe
 from ..runs import digest
 from .losses import DenoisingTask, FeatureAligner, LowerObjective
 from .memory import check_fits
 from .memory import estimate as estimate_memory
 from .optimizers import OPTIMIZERS
-from .solvers import NEEDS_UPPER, SOLVERS, Solver, StepLosses
-from .unlearn import parameter_subset, unlearning_loss
+from .solvers import SHARED_SETTINGS, SOLVERS, Setup, Solver, StepLosses, UpperTerm
+from .unlearn import parameter_subset, unlearning_loss, unlearning_target
+from .upper import UPPER_LATENTS
 
 CONCEPT_BATCH = 8
 KEEP_CHECKPOINTS = 2
@@ -46,6 +46,16 @@ class Interrupted(EdgesafeError):
     """The run was stopped by a signal after writing a checkpoint."""
 
     exit_code = 130
+
+
+def stage_settings(recipe: Recipe) -> dict[str, Any]:
+    """The ``finetune`` settings a fine-tune reads: the shared ones, its solver's own, and the sampler's where the
+    upper latents are generated (the stage's key, so that a setting the solver ignores does not redo it)."""
+    ft = recipe.finetune
+    settings = {k: v for k, v in ft.model_dump().items() if k in SHARED_SETTINGS + SOLVERS[ft.solver].reads}
+    if recipe.concepts and ft.upper_latents != "lower-batch":
+        settings["sampling"] = {"steps": recipe.bench.steps, "guidance_scale": recipe.bench.guidance_scale}
+    return settings
 
 
 def model_fingerprint(unet: torch.nn.Module) -> str:
@@ -84,8 +94,7 @@ class Trainer:
     def __init__(self, teacher: StableDiffusionPipeline, student: UNet2DConditionModel, recipe: Recipe,
                  folder: Path, *, accelerator: Accelerator | None = None):
         ft = recipe.finetune
-        if ft.solver in NEEDS_UPPER and not recipe.concepts:
-            raise EdgesafeError(f"finetune.solver {ft.solver!r} needs at least one concept to suppress")
+        kind = SOLVERS[ft.solver]
         self.recipe, self.folder = recipe, Path(folder)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         device = self.device = self.accelerator.device
@@ -94,17 +103,20 @@ class Trainer:
                                 "use bf16 or no")
         self.amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[ft.mixed_precision]
         resolution = training_resolution(recipe, teacher)
+        subsets = {c.name: parameter_subset(student, c.params) for c in recipe.concepts}
+        trained, frozen = kind.copies(ft)
         self.memory_estimate = estimate_memory(
             teacher, student, resolution=resolution, samples=self._graph_samples(),
             half_precision=self.amp_dtype is not None, checkpointing=ft.gradient_checkpointing,
-            phi=ft.solver == "bilevel-penalty", upper_fraction=self._upper_fraction(student),
+            trained_copies=trained, frozen_copies=frozen,
+            upper_fraction=self._upper_fraction(student, subsets) if kind.separate_upper_opt else 0.0,
             optimizer_state_bytes=OPTIMIZERS[ft.optimizer].state_bytes,
         )
         check_fits(self.memory_estimate, device)
 
         torch.manual_seed(recipe.seed)
-        for frozen in (teacher.unet, teacher.text_encoder, teacher.vae):
-            frozen.requires_grad_(False).eval().to(device, dtype=self.amp_dtype or torch.float32)
+        for frozen_module in (teacher.unet, teacher.text_encoder, teacher.vae):
+            frozen_module.requires_grad_(False).eval().to(device, dtype=self.amp_dtype or torch.float32)
         self.task = DenoisingTask(teacher)
         self.teacher = teacher.unet
         self.student = student.to(device).train()
@@ -114,39 +126,33 @@ class Trainer:
             else None
         self.aligner = aligner
         self.objective = LowerObjective(self.teacher, self.task, ft.lower, aligner)
-        lower_params = list(student.parameters()) + (list(aligner.parameters()) if aligner is not None else [])
-        upper_params = list({id(p): p for c in recipe.concepts for p in parameter_subset(student, c.params)}.values())
-        build = OPTIMIZERS[ft.optimizer].build
-        lower_opt = build(lower_params, ft.lr)
-        upper_opt = build(upper_params, ft.upper_lr) if upper_params else None
-        phi = phi_opt = None
-        if ft.solver == "bilevel-penalty":
-            phi = copy.deepcopy(student)
-            phi_opt = build(phi.parameters(), ft.lr)
-        self.solver: Solver = SOLVERS[ft.solver](
-            student=student, upper_params=upper_params, lower_opt=lower_opt, upper_opt=upper_opt, phi=phi,
-            phi_opt=phi_opt, penalty_lambda=ft.penalty_lambda, inner_steps=ft.inner_steps,
-            upper_every=ft.upper_every, gap_every=ft.gap_every, lower_steps=ft.steps,
+        self.solver: Solver = kind(Setup(
+            student=student, settings=ft, subsets=subsets, build=OPTIMIZERS[ft.optimizer].build,
+            extra=list(aligner.parameters()) if aligner is not None else [],
             scaler=torch.amp.GradScaler(device.type, enabled=ft.mixed_precision == "fp16"),
-        )
+        ))
         if self.accelerator.num_processes > 1:
             self.solver.sync = self._all_reduce_grads
         rank = self.accelerator.process_index
         self.batches = Batches(recipe, batch_size=ft.batch_size, resolution=resolution, seed=recipe.seed * 1000 + rank)
         self.fingerprint = model_fingerprint(student)
+        self.upper = None
+        if recipe.concepts:
+            with self.autocast():
+                self.upper = UPPER_LATENTS[ft.upper_latents](recipe, self.task, student, self.folder,
+                                                             resolution // teacher.vae_scale_factor)
 
     def _graph_samples(self) -> int:
         """Samples whose activations one autograd graph holds (every solver builds one graph at a time)."""
         ft = self.recipe.finetune
         return max(ft.batch_size, min(CONCEPT_BATCH, ft.batch_size) if self.recipe.concepts else 0)
 
-    def _upper_fraction(self, student: UNet2DConditionModel) -> float:
-        """The share of the student's parameters whose upper-level optimizer states the solver allocates."""
-        if not SOLVERS[self.recipe.finetune.solver].steps_upper_opt:
-            return 0.0
-        ids = {id(p) for c in self.recipe.concepts for p in parameter_subset(student, c.params)}
-        n = sum(p.numel() for p in student.parameters())
-        return sum(p.numel() for p in student.parameters() if id(p) in ids) / n
+    @staticmethod
+    def _upper_fraction(student: UNet2DConditionModel, subsets: dict[str, list[str]]) -> float:
+        """The share of the student's parameters in the union of the concepts' subsets."""
+        names = {n for subset in subsets.values() for n in subset}
+        sizes = {n: p.numel() for n, p in student.named_parameters()}
+        return sum(sizes[n] for n in names) / sum(sizes.values())
 
     def autocast(self) -> torch.autocast:
         """The forward passes' precision (a no-op context without mixed precision)."""
@@ -167,28 +173,19 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
     def _modules(self) -> dict[str, torch.nn.Module]:
-        mods = {"student": self.student}
-        if self.solver.phi is not None:
-            mods["phi"] = self.solver.phi
+        mods = {"student": self.student, **self.solver.modules()}
         if self.aligner is not None:
             mods["aligner"] = self.aligner
         return mods
 
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        opts = {"lower_opt": self.solver.lower_opt}
-        if self.solver.upper_opt is not None:
-            opts["upper_opt"] = self.solver.upper_opt
-        if self.solver.phi_opt is not None:
-            opts["phi_opt"] = self.solver.phi_opt
-        return opts
-
     def save_checkpoint(self, step: int, curves: list[dict[str, float]]) -> Path:
         ckpt_dir = self.folder / "checkpoints"
         tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
-        meta: dict[str, Any] = {"step": step, "solver": self.recipe.finetune.solver, "fingerprint": self.fingerprint}
+        meta: dict[str, Any] = {"step": step, "solver": self.recipe.finetune.solver, "fingerprint": self.fingerprint,
+                                "solver_state": self.solver.state()}
         for name, module in self._modules().items():
             tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
-        for name, opt in self._optimizers().items():
+        for name, opt in self.solver.optimizers().items():
             t, m = optimizer_to_tensors(opt, prefix=name)
             tensors.update(t)
             meta[name] = m
@@ -224,8 +221,9 @@ class Trainer:
                                   f"not {self.recipe.finetune.solver!r}")
         for name, module in self._modules().items():
             module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-        for name, opt in self._optimizers().items():
+        for name, opt in self.solver.optimizers().items():
             optimizer_from_tensors(opt, tensors, meta[name], prefix=name)
+        self.solver.load_state(meta.get("solver_state", {}))
         if "grad_scaler" in meta:
             self.solver.scaler.load_state_dict(meta["grad_scaler"])
         torch.set_rng_state(tensors["rng.torch"])
@@ -233,32 +231,53 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def _losses(self, step: int, record: dict[str, float]) -> StepLosses:
+        """The step's losses, each computed when a solver first asks for it (an erase step of ``two-stage`` never
+        encodes the lower batch's teacher outputs unless its upper latents come from that batch)."""
         images, captions = self.batches(step)
         gen = torch.Generator().manual_seed(int(np.random.default_rng([self.recipe.seed, 11, step]).integers(2**62)))
-        with self.autocast():
-            inputs = self.task.inputs(images, captions, gen)
-            teacher_out = self.objective.teacher_outputs(inputs)
+        cache: dict[Any, Any] = {}
+
+        def lower_inputs() -> dict[str, torch.Tensor]:
+            if "inputs" not in cache:
+                with self.autocast():
+                    cache["inputs"] = self.task.inputs(images, captions, gen)
+            return cache["inputs"]
 
         def lower(model: torch.nn.Module) -> torch.Tensor:
+            inputs = lower_inputs()
             with self.autocast():
-                terms = self.objective(model, inputs, teacher_out)
+                if "teacher" not in cache:
+                    cache["teacher"] = self.objective.teacher_outputs(inputs)
+                terms = self.objective(model, inputs, cache["teacher"])
             if model is self.student:
                 record.update({k: v.item() for k, v in terms.items() if k != "total"})
             return terms["total"]
 
-        if not self.recipe.concepts:
-            return StepLosses(lower=lower, upper=None)
-        concept = self.recipe.concepts[step % len(self.recipe.concepts)]
-        rng = np.random.default_rng([self.recipe.seed, 13, step])
+        reference = self.solver.reference_model(step) or self.teacher
         n = min(CONCEPT_BATCH, len(images))
-        prompts = [concept.prompts[i] for i in rng.integers(0, len(concept.prompts), size=n)]
-        x, t = inputs["sample"][:n], inputs["timestep"][:n]
 
-        def upper(model: torch.nn.Module) -> torch.Tensor:
-            with self.autocast():
-                return unlearning_loss(model, self.teacher, x, t, concept, prompts, self.task.encode_text)
+        def term(index: int, concept: Concept) -> UpperTerm:
+            def batch() -> tuple[Any, torch.Tensor]:
+                if index not in cache:
+                    with self.autocast():
+                        b = self.upper(concept, index, step, n, lower_inputs)
+                        target = unlearning_target(reference, b.sample, b.timestep, concept, b.prompts,
+                                                   self.task.encode_text)
+                    cache[index] = (b, target)
+                return cache[index]
 
-        return StepLosses(lower=lower, upper=upper)
+            def loss(model: torch.nn.Module) -> torch.Tensor:
+                b, target = batch()
+                with self.autocast():
+                    return unlearning_loss(model, target, b.sample, b.timestep, b.prompts, self.task.encode_text)
+
+            def reference_loss() -> torch.Tensor:
+                with torch.no_grad():
+                    return loss(reference)
+
+            return UpperTerm(concept.name, loss, reference_loss)
+
+        return StepLosses(lower=lower, upper=[term(i, c) for i, c in enumerate(self.recipe.concepts)])
 
     def run(self, *, resume: bool, checkpoint_every: int,
             progress: Callable[[int, int], None] | None = None) -> TrainResult:

@@ -51,23 +51,25 @@ def ablation_target(teacher, x, t, concept: Concept, prompts: list[str], encode:
 OBJECTIVES: dict[str, Target] = {"esd": esd_target, "ablation": ablation_target}
 
 
-def unlearning_loss(
-    student: UNet2DConditionModel, teacher: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
-    concept: Concept, prompts: list[str], encode: Encode,
-) -> torch.Tensor:
-    """MSE between the student's prediction for the concept prompts and the objective's target."""
-    target = OBJECTIVES[concept.objective](teacher, x, t, concept, prompts, encode)
-    return nn.functional.mse_loss(_predict(student, x, t, encode(prompts)), target)
+def unlearning_target(reference: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor, concept: Concept,
+                      prompts: list[str], encode: Encode) -> torch.Tensor:
+    """What a model's prediction for the concept prompts is regressed onto, from the frozen ``reference``."""
+    return OBJECTIVES[concept.objective](reference, x, t, concept, prompts, encode)
 
 
-def parameter_subset(unet: UNet2DConditionModel, which: str) -> list[nn.Parameter]:
-    """The parameters the upper level may update: ``xattn``, ``noxattn`` or ``full``."""
+def unlearning_loss(model: UNet2DConditionModel, target: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                    prompts: list[str], encode: Encode) -> torch.Tensor:
+    """MSE between ``model``'s prediction for the concept prompts and the objective's target."""
+    return nn.functional.mse_loss(_predict(model, x, t, encode(prompts)), target)
+
+
+def parameter_subset(unet: UNet2DConditionModel, which: str) -> list[str]:
+    """Names of the parameters the upper level may update: ``xattn``, ``noxattn`` or ``full``."""
+    names = [n for n, _ in unet.named_parameters()]
     if which == "full":
-        return list(unet.parameters())
-    xattn = [(n, p) for n, p in unet.named_parameters() if ".attn2." in n]
+        return names
     if which == "xattn":
-        return [p for _, p in xattn]
+        return [n for n in names if ".attn2." in n]
     if which == "noxattn":
-        names = {n for n, _ in xattn}
-        return [p for n, p in unet.named_parameters() if n not in names]
+        return [n for n in names if ".attn2." not in n]
     raise ValueError(f"unknown parameter subset {which!r}")
