@@ -35,7 +35,7 @@ from harness import ROOT, provenance  # noqa: E402
 from edgesafe.bench.world_metrics import frechet_distance, generate, real_images  # noqa: E402
 from edgesafe.data import wanted_prompts  # noqa: E402
 from edgesafe.finetune.trainer import Trainer  # noqa: E402
-from edgesafe.io import write_json  # noqa: E402
+from edgesafe.io import load_tensors, save_tensors, write_json  # noqa: E402
 from edgesafe.models.loading import load_evaluator, load_pipeline  # noqa: E402
 from edgesafe.pipeline import PRUNE, TEACHER  # noqa: E402
 from edgesafe.recipe import recipe_from_dict  # noqa: E402
@@ -183,14 +183,14 @@ def sweep(args) -> None:
     teacher = load_pipeline(base.model.source)
     evaluator = load_evaluator(base.model.evaluator)
     evaluation = Evaluation(base, evaluator)
-    refs_path = work / "references.pt"
+    refs_path = work / "references.safetensors"
     teacher_path = work / "cells" / "teacher.json"
     if not teacher_path.is_file():
         figures = evaluation(teacher)
         _, real = evaluator.classify(real_images(2000, seed=REAL_SEED, exclude=tuple(world.UNWANTED)))
-        torch.save({"teacher": figures.pop("features"), "real": real}, refs_path)
+        save_tensors(refs_path, {"teacher": figures.pop("features"), "real": real})
         write_json(teacher_path, figures)
-    refs = torch.load(refs_path)
+    refs = load_tensors(refs_path)
     todo = [c for c in cells(args.seeds, args.only) if not cell_path(work, c).is_file()]
     for n, cell in enumerate(todo[: args.limit]):
         t0 = time.perf_counter()
