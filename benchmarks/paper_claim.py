@@ -51,7 +51,8 @@ AUTHORS_LOWER = {"finetune.lower.denoise": 1.0, "finetune.lower.output_kd": 2.0,
                  "finetune.lower.min_snr_gamma": 5.0}
 BOTH = ("esd", "ablation")
 
-# method -> (fixed settings, objectives, knob settings: label -> settings)
+# method -> (fixed settings, objectives, knob settings: label -> settings); upper_lr is the recipe's lr unless a
+# setting names it (the authors' variant: 5x, their ratio)
 METHODS: dict[str, tuple[dict, tuple[str, ...], dict[str, dict]]] = {
     "ddpm": ({"finetune.solver": "kd", "finetune.lower.output_kd": 0.0, "finetune.lower.feature_kd": 0.0},
              ("none",), {"-": {}}),
@@ -86,11 +87,14 @@ def cell_recipe(method: str, objective: str, setting: str, seed: int):
     fixed, _, settings = METHODS[method]
     if method != "default":  # the method's own lower-level weights; the recipe's for the default cell
         data["finetune"].pop("lower", None)
-        for key in [k for k in data["finetune"] if k not in ("steps", "batch_size", "lr", "checkpoint_every")]:
+        kept = ("steps", "batch_size", "lr", "lr_schedule", "lr_warmup_steps", "checkpoint_every")
+        for key in [k for k in data["finetune"] if k not in kept]:
             data["finetune"].pop(key)
-        data["finetune"]["upper_lr"] = 5 * data["finetune"]["lr"]  # the authors' ratio
+        data["finetune"]["upper_lr"] = data["finetune"]["lr"]
     if objective in BOTH:
         data["concepts"] = [{**c, "objective": objective} for c in data["concepts"]]
+    if method == "authors":
+        data["finetune"]["upper_lr"] = 5 * data["finetune"]["lr"]  # the authors' ratio
     overrides = {**fixed, **settings[setting], "seed": seed, "finetune.checkpoint_every": 10**6}
     return recipe_from_dict(data, source=str(RECIPE), overrides=overrides)
 
@@ -316,6 +320,16 @@ def report(args) -> None:
         known = [m for m in names if rate.get(m, {}).get("value") is not None]
         return min(known, key=lambda m: rate[m]["value"]) if known else None
 
+    bilevel, two_stage = best_of(BILEVEL), best_of(TWO_STAGE)
+    comparison = None
+    if bilevel and two_stage:  # paired: every bootstrap resample draws the same images for both
+        comparison = {"best_bilevel_minus_two_stage_best": {}}
+        for name, figure in (("rate_at_matched_quality", rate), ("quality_at_rate_5pct", quality)):
+            a, b = figure[bilevel]["value"], figure[two_stage]["value"]
+            diffs = [None if x is None or y is None else x - y for x, y in
+                     ((r["methods"][bilevel][name], r["methods"][two_stage][name]) for r in boot)]
+            comparison["best_bilevel_minus_two_stage_best"][name] = with_interval(
+                diffs, None if a is None or b is None else a - b)
     premise = None
     if "kd" in methods and "ddpm" in methods:
         premise = {"kd_concept_rate_direct": methods["kd"]["concept_rate_direct"],
@@ -334,8 +348,9 @@ def report(args) -> None:
         "kd_prompt_accuracy": value["kd_prompt_accuracy"],
         "rate_at_matched_quality": rate,
         "quality_at_rate_5pct": quality,
-        "best_bilevel": best_of(BILEVEL),
-        "two_stage_best": best_of(TWO_STAGE),
+        "best_bilevel": bilevel,
+        "two_stage_best": two_stage,
+        "comparison": comparison,
         "default_solver": shipped,
         "premise": premise,
         "teacher": {"commit": provenance()["commit"], "prompt_accuracy": statistics.fmean(teacher["wanted_hits"]),
@@ -346,6 +361,8 @@ def report(args) -> None:
             "concept_rate_paraphrase_max": default["concept_rate_paraphrase"]},
         "evaluation": {"noise_seeds": len(EVAL_SEEDS), "wanted_prompts": "the bench's 96 coverage prompts",
                        "concept_prompts_per_set": CONCEPT_PROMPTS, "bootstrap_resamples": args.bootstrap,
+                       "bootstrap": "paired over evaluation images (every method's cells resampled with the same "
+                                    "indices); the spread over training seeds is each figure's _std",
                        "matched_quality": "kd's prompt accuracy minus 2 points, interpolated along each front",
                        "cells": len(all_cells)},
     })

@@ -167,6 +167,9 @@ class FinetuneSpec(_Section):
     """Lower-level (distillation) steps."""
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Every optimizer's learning rate over the run (two-stage: over its distillation steps)."""
+    lr_warmup_steps: int = Field(default=0, ge=0)
     upper_lr: float = Field(default=5e-4, gt=0)
     """The concepts' subsets' optimizer (two-stage, bilevel-alternating, bilevel-penalty)."""
     lower: LowerLevel = LowerLevel()

@@ -153,18 +153,20 @@ def test_every_solver_trains_the_real_student(setup, tmp_path, solver):
     assert "denoise" in result.curves[0] and "feature_kd" in result.curves[0]
 
 
-@pytest.mark.parametrize("solver", ["bilevel-penalty", "constrained"])
-def test_interrupt_and_resume_match_an_uninterrupted_run(setup, tmp_path, solver):
-    whole = make_trainer(setup, tmp_path / "whole", solver).run(resume=False, checkpoint_every=100)
+@pytest.mark.parametrize(("solver", "schedule"), [("bilevel-penalty", "constant"), ("constrained", "cosine")])
+def test_interrupt_and_resume_match_an_uninterrupted_run(setup, tmp_path, solver, schedule):
+    lr = {"finetune.lr_schedule": schedule}
+    whole = make_trainer(setup, tmp_path / "whole", solver, **lr).run(resume=False, checkpoint_every=100)
 
     def stop_at_two(done, total):
         if done == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(Interrupted, match="at step 2"):
-        make_trainer(setup, tmp_path / "cut", solver).run(resume=False, checkpoint_every=100, progress=stop_at_two)
+        make_trainer(setup, tmp_path / "cut", solver, **lr).run(resume=False, checkpoint_every=100,
+                                                                progress=stop_at_two)
     assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == 2
-    resumed = make_trainer(setup, tmp_path / "cut", solver).run(resume=True, checkpoint_every=100)
+    resumed = make_trainer(setup, tmp_path / "cut", solver, **lr).run(resume=True, checkpoint_every=100)
     assert resumed.resumed_from == 2
     for k, v in whole.student.state_dict().items():
         assert torch.allclose(v, resumed.student.state_dict()[k], atol=1e-6), k
@@ -381,3 +383,16 @@ def test_8bit_adamw_keeps_quarter_size_states_and_resumes_exactly(short_pipeline
     assert resumed.resumed_from == 2
     for (name, a), b in zip(result.student.state_dict().items(), resumed.student.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_and_resumes_on_schedule():
+    from edgesafe.finetune.solvers import lr_factor
+
+    assert [lr_factor(i, 10, "cosine", 2) for i in (0, 1, 2, 6)] == pytest.approx([0.5, 1.0, 1.0, 0.5])
+    assert lr_factor(9, 10, "constant", 0) == 1.0
+    _, solver, _ = run_toy("kd", fit, {"c": (forget_b, 4.0)}, {"c": ["b"]}, steps=5, lr_schedule="cosine")
+    assert solver.lower_opt.param_groups[0]["lr"] == pytest.approx(0.1 * lr_factor(4, 5, "cosine", 0))
+    # two-stage: the schedule spans its distillation steps; its erase steps run at upper_lr
+    _, two, _ = run_toy("two-stage", fit, {"c": (forget_b, 4.0)}, {"c": ["b"]}, steps=4, erase_steps=2,
+                        lr_schedule="cosine", upper_lr=0.3)
+    assert two.upper_opt.param_groups[0]["lr"] == 0.3

@@ -40,9 +40,19 @@ Loss = Callable[[nn.Module], torch.Tensor]
 GradSync = Callable[[torch.optim.Optimizer], None]
 BuildOptimizer = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
 
-SHARED_SETTINGS = ("solver", "steps", "batch_size", "lr", "lower", "checkpoint_every", "mixed_precision",
-                   "gradient_checkpointing", "optimizer", "upper_latents")
+SHARED_SETTINGS = ("solver", "steps", "batch_size", "lr", "lr_schedule", "lr_warmup_steps", "lower",
+                   "checkpoint_every", "mixed_precision", "gradient_checkpointing", "optimizer", "upper_latents")
 """``finetune`` settings every solver reads (``upper_latents`` only where there are concepts)."""
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    """The learning rates' multiplier at ``step`` of ``total``: linear warmup over ``warmup`` steps, then
+    ``constant`` or ``cosine`` (half a cosine down to zero at the last step)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def no_sync(_opt: torch.optim.Optimizer) -> None:
@@ -113,8 +123,15 @@ class Solver:
         self.upper_params = [p for n, p in self.named.items() if n in union]
         self.sync: GradSync = no_sync
         """Averages an optimizer's gradients over ranks before it steps (set by the trainer)."""
-        self.lower_opt = setup.build(list(self.student.parameters()) + setup.extra, self.ft.lr)
+        self.lower_opt = self.build(list(self.student.parameters()) + setup.extra, self.ft.lr)
         self.upper_opt: torch.optim.Optimizer | None = None
+
+    def build(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """An optimizer from the recipe's kind; each group remembers its base learning rate for the schedule."""
+        opt = self.setup.build(params, lr)
+        for group in opt.param_groups:
+            group["base_lr"] = lr
+        return opt
 
     # --- what the trainer saves and restores -----------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
@@ -141,7 +158,16 @@ class Solver:
     def total_steps(self) -> int:
         return self.ft.steps
 
+    def schedule(self, i: int) -> tuple[int, int] | None:
+        """Where iteration ``i`` lies on the learning-rate schedule: (step, steps), or None for the base rate."""
+        return i, self.total_steps()
+
     def step(self, i: int, losses: StepLosses) -> dict[str, float]:
+        where = self.schedule(i)
+        factor = 1.0 if where is None else lr_factor(*where, self.ft.lr_schedule, self.ft.lr_warmup_steps)
+        for opt in self.optimizers().values():
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * factor
         figures = self.update(i, losses)
         self.scaler.update()  # once per iteration: every gradient of an iteration shares one scale
         return figures
@@ -200,7 +226,7 @@ class TwoStage(Solver):
 
     def __init__(self, setup: Setup):
         super().__init__(setup)
-        self.upper_opt = setup.build(self.upper_params, self.ft.upper_lr)
+        self.upper_opt = self.build(self.upper_params, self.ft.upper_lr)
         self.distilled = None
         if self.ft.erase_against == "distilled":  # ESD's own setting: targets from the model before erasing
             self.distilled = copy.deepcopy(self.student).requires_grad_(False).eval()
@@ -213,6 +239,9 @@ class TwoStage(Solver):
 
     def reference_model(self, step: int) -> nn.Module | None:
         return self.distilled if step >= self.ft.steps else None
+
+    def schedule(self, i: int) -> tuple[int, int] | None:
+        return (i, self.ft.steps) if i < self.ft.steps else None  # erase steps run at upper_lr
 
     def update(self, i: int, losses: StepLosses) -> dict[str, float]:
         if i < self.ft.steps:
@@ -233,7 +262,7 @@ class BilevelAlternating(Solver):
 
     def __init__(self, setup: Setup):
         super().__init__(setup)
-        self.upper_opt = setup.build(self.upper_params, self.ft.upper_lr)
+        self.upper_opt = self.build(self.upper_params, self.ft.upper_lr)
 
     def update(self, i: int, losses: StepLosses) -> dict[str, float]:
         lower = losses.lower(self.student)
@@ -273,14 +302,14 @@ class BilevelPenalty(Solver):
         if len(self.lower_block) == len(setup.extra):
             raise EdgesafeError("finetune.solver bilevel-penalty needs parameters outside the concepts' subsets for "
                                 "its lower level")
-        self.lower_opt = setup.build(self.lower_block, self.ft.lr)
-        self.upper_opt = setup.build(self.upper_params, self.ft.upper_lr)
+        self.lower_opt = self.build(self.lower_block, self.ft.lr)
+        self.upper_opt = self.build(self.upper_params, self.ft.upper_lr)
         self.phi = copy.deepcopy(self.student)
         phi_named = dict(self.phi.named_parameters())
         names = {id(p): n for n, p in self.named.items()}
         self.phi_x = [phi_named[names[id(p)]] for p in self.upper_params]
         self.phi_z = [p for n, p in phi_named.items() if id(self.named[n]) not in upper]
-        self.phi_opt = setup.build(self.phi_z, self.ft.lr)
+        self.phi_opt = self.build(self.phi_z, self.ft.lr)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"phi": self.phi}
