@@ -123,8 +123,12 @@ class Solver:
         self.upper_params = [p for n, p in self.named.items() if n in union]
         self.sync: GradSync = no_sync
         """Averages an optimizer's gradients over ranks before it steps (set by the trainer)."""
-        self.lower_opt = self.build(list(self.student.parameters()) + setup.extra, self.ft.lr)
+        self.lower_opt = self.build(self.lower_parameters(), self.ft.lr)
         self.upper_opt: torch.optim.Optimizer | None = None
+
+    def lower_parameters(self) -> list[nn.Parameter]:
+        """What the lower-level optimizer steps: the student's parameters and the feature projections."""
+        return list(self.student.parameters()) + self.setup.extra
 
     def build(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """An optimizer from the recipe's kind; each group remembers its base learning rate for the schedule."""
@@ -280,7 +284,8 @@ class BilevelPenalty(Solver):
     phi's lower block z tracking argmin_z L_ft(x, z)."""
 
     reads = ("upper_lr", "penalty_lambda", "penalty_growth", "inner_steps")
-    separate_upper_opt = True
+    # the upper optimizer steps x and the lower one only y: no parameter has states in both
+    separate_upper_opt = False
 
     @classmethod
     def copies(cls, settings: Any) -> tuple[int, int]:
@@ -298,11 +303,7 @@ class BilevelPenalty(Solver):
     def __init__(self, setup: Setup):
         super().__init__(setup)
         upper = {id(p) for p in self.upper_params}
-        self.lower_block = [p for p in self.student.parameters() if id(p) not in upper] + setup.extra
-        if len(self.lower_block) == len(setup.extra):
-            raise EdgesafeError("finetune.solver bilevel-penalty needs parameters outside the concepts' subsets for "
-                                "its lower level")
-        self.lower_opt = self.build(self.lower_block, self.ft.lr)
+        self.lower_block = self.lower_parameters()
         self.upper_opt = self.build(self.upper_params, self.ft.upper_lr)
         self.phi = copy.deepcopy(self.student)
         phi_named = dict(self.phi.named_parameters())
@@ -310,6 +311,15 @@ class BilevelPenalty(Solver):
         self.phi_x = [phi_named[names[id(p)]] for p in self.upper_params]
         self.phi_z = [p for n, p in phi_named.items() if id(self.named[n]) not in upper]
         self.phi_opt = self.build(self.phi_z, self.ft.lr)
+
+    def lower_parameters(self) -> list[nn.Parameter]:
+        """y: the student's parameters outside the concepts' subsets, and the feature projections."""
+        upper = {id(p) for p in self.upper_params}
+        y = [p for p in self.student.parameters() if id(p) not in upper]
+        if not y:
+            raise EdgesafeError("finetune.solver bilevel-penalty needs parameters outside the concepts' subsets for "
+                                "its lower level")
+        return y + self.setup.extra
 
     def modules(self) -> dict[str, nn.Module]:
         return {"phi": self.phi}

@@ -117,7 +117,7 @@ class ConceptImages(Source):
         latents, which = self.latents[concept.name]
         picks = rng.integers(0, len(latents), size=len(prompts))
         gen = _generator(rng)
-        x0 = latents[torch.as_tensor(picks)]
+        x0 = latents[torch.as_tensor(picks)].to(next(self.student.parameters()).device)  # the cache is on the CPU
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         t = torch.randint(0, self.task.scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
         return UpperBatch(self.task.scheduler.add_noise(x0, noise, t), t,
