@@ -398,8 +398,10 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="write the results from the finished cells")
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--out", type=Path, default=RESULTS / "paper_claim.json")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (1 leaves a core free for other work on a 2-core machine)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     report(args) if args.report else sweep(args)
 
 
