@@ -169,6 +169,7 @@ def run_cell(cell, work: Path, teacher, pruned_dir: Path, evaluation: Evaluation
     tail = result.curves[-50:]
     return {
         "cell": {"method": method, "objective": objective, "setting": setting, "seed": seed},
+        "commit": provenance()["commit"],
         "finetune": recipe.finetune.model_dump(mode="json"),
         "train_seconds": round(seconds, 1), "gradient_samples": counter.samples, "steps": result.steps,
         "final_losses": {k: statistics.fmean(r[k] for r in tail if k in r)
@@ -364,7 +365,8 @@ def report(args) -> None:
                        "bootstrap": "paired over evaluation images (every method's cells resampled with the same "
                                     "indices); the spread over training seeds is each figure's _std",
                        "matched_quality": "kd's prompt accuracy minus 2 points, interpolated along each front",
-                       "cells": len(all_cells)},
+                       "cells": len(all_cells),
+                       "cell_commits": sorted({c.get("commit") or "unrecorded" for c in all_cells})},
     })
     plot(fronts, args.out.with_name("pareto.png"))
 
