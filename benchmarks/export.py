@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
+from harness import provenance
 
 from edgesafe.export import (
     COREML_QUANTIZERS,
@@ -33,15 +34,17 @@ from edgesafe.export import (
     validate_coreml,
 )
 from edgesafe.export.onnx import folder_bytes, latent_shape
-from edgesafe.export.parity import PARITY_PROMPTS, psnr_db
+from edgesafe.export.parity import psnr_db
 from edgesafe.export.quantize import unet_calibration
 from edgesafe.io import write_json
+from edgesafe.models.inputs import unet_example_inputs
 from edgesafe.models.loading import load_pipeline
-from edgesafe.models.stats import count_params, unet_example_inputs
+from edgesafe.models.stats import count_params
 from edgesafe.prune import prune_width
 from edgesafe.zoo.tiny_shapes import world
 
 STEPS, GUIDANCE = 20, 5.0
+PROMPTS = ["a red star on a checkerboard background", "a blue circle with stripes"]  # parity and PSNR prompts
 
 
 def medium_pipeline():
@@ -58,7 +61,7 @@ def medium_pipeline():
 
 def pruned_pipeline():
     pipe = load_pipeline("zoo:tiny-shapes")
-    pipe.unet = prune_width(pipe.unet, 0.5, unet_example_inputs(pipe.unet, batch=2, text_length=8)).eval()
+    pipe.unet = prune_width(pipe.unet, 0.5, unet_example_inputs(pipe.unet, batch=2, text_length=8)).unet.eval()
     return pipe
 
 
@@ -104,12 +107,12 @@ def onnx_variants(name: str, pipe, work: Path, repeats: int, threads: int) -> di
         quantize_seconds[method] = round(time.perf_counter() - t0, 1)
     runners = {v: OnnxPipeline(f, threads=threads) for v, f in folders.items()}
     latency = interleaved_latency(pipe, runners, repeats)
-    latents = torch.randn(latent_shape(pipe, len(PARITY_PROMPTS)), generator=torch.Generator().manual_seed(0)).numpy()
-    fp32_images = runners["fp32"](PARITY_PROMPTS, latents=latents, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+    latents = torch.randn(latent_shape(pipe, len(PROMPTS)), generator=torch.Generator().manual_seed(0)).numpy()
+    fp32_images = runners["fp32"](PROMPTS, latents=latents, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
     result = {"unet_params": count_params(pipe.unet), "variants": {}}
     for variant, folder in folders.items():
-        parity = onnx_parity(pipe, folder, steps=STEPS, guidance=GUIDANCE)
-        images = runners[variant](PARITY_PROMPTS, latents=latents, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+        parity = onnx_parity(pipe, folder, PROMPTS, steps=STEPS, guidance=GUIDANCE)
+        images = runners[variant](PROMPTS, latents=latents, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
         result["variants"][variant] = {
             "bytes": folder_bytes(folder),
             "unet_bytes": folder_bytes(folder / "unet"),
@@ -181,6 +184,7 @@ def main() -> None:
                      "latency": "onnxruntime CPU, median; variants interleaved in one run",
                      "coreml_prediction": "not run: needs macOS (package specs validated)"},
         "seconds": round(time.perf_counter() - t0, 1),
+        "provenance": provenance(),
     }
     write_json(args.out, result)
     print({k: result[k] for k in ("int8_speedup_best", "int8_best_variant", "int8_psnr_db", "int8_target_met",

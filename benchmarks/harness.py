@@ -11,8 +11,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+
+import torch
+
+import edgesafe
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "torch-pruning", "onnx", "onnxruntime",
@@ -20,7 +25,8 @@ PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "torch-pruning",
 
 
 def provenance() -> dict:
-    """The commit (and whether the tree had changes), package versions and hardware of this measurement."""
+    """The date, commit (and whether the tree had changes), edgesafe and package versions, and hardware (CPU model,
+    cores, torch threads, memory, GPU) of this measurement."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
@@ -33,10 +39,13 @@ def provenance() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": git("rev-parse", "HEAD"), "tree_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "python": platform.python_version(), "versions": versions,
-        "hardware": {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1), "gpu": None},
+        "edgesafe": edgesafe.__version__, "python": platform.python_version(), "versions": versions,
+        "hardware": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                     "memory_gib": round(memory, 1), "gpu": gpu},
     }
 
 
@@ -87,5 +96,5 @@ def small_run(images: Path, *, resolution: int = 256, steps: int = 2) -> list[st
     ``resolution``, ``steps`` fine-tuning steps at batch 1 (so Taylor calibration takes 4 samples), and
     ``steps`` sampling steps for the export's INT8 calibration and parity images (at the model's 512 px)."""
     sets = [f"data.path={images}", f"data.resolution={resolution}", f"finetune.steps={steps}",
-            "finetune.batch_size=1", f"finetune.checkpoint_every={steps}", f"bench.steps={steps}"]
+            "finetune.batch_size=1", f"finetune.checkpoint_every={steps}", f"sampling.steps={steps}"]
     return [a for s in sets for a in ("--set", s)]

@@ -32,15 +32,17 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import ROOT, provenance  # noqa: E402
 
-from edgesafe.bench.world_metrics import frechet_distance, generate, real_images  # noqa: E402
 from edgesafe.data import wanted_prompts  # noqa: E402
 from edgesafe.finetune.trainer import Trainer  # noqa: E402
 from edgesafe.io import load_tensors, save_tensors, write_json  # noqa: E402
+from edgesafe.measure.images import frechet_distance, generate
 from edgesafe.models.loading import load_evaluator, load_pipeline  # noqa: E402
+from edgesafe.models.structure import read_structure  # noqa: E402
 from edgesafe.pipeline import PRUNE, TEACHER  # noqa: E402
 from edgesafe.recipe import recipe_from_dict  # noqa: E402
 from edgesafe.runs import RunDir, run_stages  # noqa: E402
 from edgesafe.zoo.tiny_shapes import world  # noqa: E402
+from edgesafe.zoo.tiny_shapes.metrics import real_images  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny-shapes.yaml"
 RESULTS = Path(__file__).parent / "results"
@@ -156,7 +158,8 @@ def run_cell(cell, work: Path, teacher, pruned_dir: Path, evaluation: Evaluation
     student = load_pipeline(pruned_dir)
     folder = work / "train" / "-".join(map(str, cell))
     t0 = time.perf_counter()
-    trainer = Trainer(teacher, student.unet, recipe, folder)
+    trainer = Trainer(teacher, student.unet, recipe, folder,
+                      kept_channels=read_structure(pruned_dir / "unet")["kept_channels"])
     counter = GradientCounter()
     for module in (trainer.student, *trainer.solver.modules().values()):
         counter.attach(module)

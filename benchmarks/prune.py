@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from harness import provenance, real_recipes, run_cli, small_run, stand_in
 
-from edgesafe.bench.latency import measure_unet_ms
 from edgesafe.io import write_json
+from edgesafe.measure.latency import measure_unet_ms
 from edgesafe.models.architectures import TEXT_LENGTH, UNET_CONFIGS, build_unet
+from edgesafe.models.inputs import unet_example_inputs
 from edgesafe.models.loading import load_pipeline
-from edgesafe.models.stats import count_macs, count_params, unet_example_inputs
+from edgesafe.models.stats import count_macs, count_params
 from edgesafe.prune import prune_to_budget, prune_width
 from edgesafe.prune.blocks import bk_sdm_param_count
 from edgesafe.recipe import Budget
@@ -45,7 +46,7 @@ def sweep(name: str, unet, *, text_length: int, latency_batch: int, repeats: int
     ms0 = measure_unet_ms(unet, **timing) if latency else None
     rows = []
     for ratio in RATIOS:
-        student = prune_width(unet, ratio, inputs)
+        student = prune_width(unet, ratio, inputs).unet
         row = {"channel_ratio": ratio, "params_ratio": count_params(student) / p0,
                "macs_ratio": count_macs(student, batch=latency_batch, text_length=text_length) / m0}
         if latency:

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import provenance
 
-from edgesafe.bench.world_metrics import evaluate_pipeline, frechet_distance, real_images
 from edgesafe.io import write_json
+from edgesafe.measure.images import frechet_distance
 from edgesafe.models.loading import load_evaluator, load_pipeline, resolve_source
 from edgesafe.models.stats import count_macs, count_params
 from edgesafe.zoo.tiny_shapes import world
+from edgesafe.zoo.tiny_shapes.metrics import evaluate_pipeline, real_images
 
 HELD_OUT_SEED = 12345  # never used by the builder's (seed, phase, step) streams
 
@@ -72,6 +74,7 @@ def main() -> None:
         "unet_params": count_params(pipe.unet),
         "unet_macs": count_macs(pipe.unet, batch=1, text_length=pipe.tokenizer.model_max_length),
         "build_seconds": build["build_seconds"],
+        "provenance": provenance(),
         "detail": {
             "evaluator_accuracy": accuracy,
             "vae_decoded_real": {"evaluator_accuracy": decoded_accuracy, "concept_recall": decoded_recall},

@@ -13,7 +13,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "ker
 
 from .errors import BudgetError, CheckpointError, EdgesafeError, ModelLoadError, RecipeError  # noqa: E402
 from .models.loading import load_evaluator, load_pipeline  # noqa: E402
-from .prune.structure import PrunedUNet2DConditionModel  # noqa: E402
+from .models.structure import PrunedUNet2DConditionModel  # noqa: E402
 from .recipe import Recipe, load_recipe  # noqa: E402
 
 __all__ = [

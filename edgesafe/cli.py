@@ -137,15 +137,15 @@ def _run(recipe: Path, model: Path | None, out_dir: Path | None, resume: bool, s
 
 def _run_stages(r, run, *, resume: bool, until: str | None = None) -> None:
     from .pipeline import STAGES
-    from .runs import run_stages
+    from .runs import ACTIONS, run_stages
 
     stages = STAGES if until is None else STAGES[: [s.name for s in STAGES].index(until) + 1]
     with out.progress() as progress:
         outcomes = run_stages(r, run, stages, resume=resume, progress=progress,
-                              on_stage=lambda s, status: out.say(f"[bold]{s.name}[/]: {status}"))
+                              on_stage=lambda s, action: out.say(f"[bold]{s.name}[/]: {action} ({ACTIONS[action]})"))
     for o in outcomes:
-        out.event("stage", stage=o.name, status=o.status, figures=o.manifest.get("figures"))
-        out.say(f"{o.name}: {o.status} -> {run.root / next(s.folder for s in STAGES if s.name == o.name)}")
+        out.event("stage", stage=o.name, action=o.action, figures=o.manifest.get("figures"))
+        out.say(f"{o.name}: done -> {run.root / next(s.folder for s in STAGES if s.name == o.name)}")
     if outcomes[-1].name == "bench":
         _print_summary(Path(outcomes[-1].manifest["figures"]["report"]))
     out.event("done", run=str(run.root))
@@ -377,15 +377,15 @@ def zoo_list() -> None:
     """List the embedded models and whether they are built."""
     from .zoo import WEIGHTS_DIR, ZOO
 
-    for name, what in ZOO.items():
+    for name, entry in ZOO.items():
         built = (WEIGHTS_DIR / name).is_dir()
-        out.say(f"zoo:{name}  {'built' if built else 'not built'}  {what}")
+        out.say(f"zoo:{name}  {'built' if built else 'not built'}  {entry.description}")
         out.event("zoo", name=name, built=built)
 
 
 @zoo_app.command("build")
 def zoo_build(
-    name: Annotated[str, typer.Argument(help="Zoo entry to build (tiny-shapes builds its evaluator too).")],
+    name: Annotated[str, typer.Argument(help="Zoo entry to build (with its companions, e.g. its evaluator).")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write (default: the package's zoo).")] = None,
     work: Annotated[Path | None, typer.Option(help=(
         "Checkpoint folder; a rerun resumes from it "
@@ -394,17 +394,16 @@ def zoo_build(
     schedule: Annotated[str, typer.Option(help="full (the shipped weights) or short (a smoke test).")] = "full",
 ) -> None:
     """Train an embedded model from scratch, resumably, and write it into the zoo."""
-    from .zoo import WEIGHTS_DIR
-    from .zoo.tiny_shapes.build import SCHEDULES, architecture_id, build
+    from .zoo import WEIGHTS_DIR, load_builder
 
-    if name != "tiny-shapes":
-        raise EdgesafeError(f"zoo build knows only 'tiny-shapes' (got {name!r})")
-    if schedule not in SCHEDULES:
-        raise EdgesafeError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
-    work = work or Path.home() / ".cache" / "edgesafe" / "build" / f"{name}-{seed}-{schedule}-{architecture_id()}"
+    builder = load_builder(name)
+    if schedule not in builder.SCHEDULES:
+        raise EdgesafeError(f"unknown schedule {schedule!r}; known: {', '.join(builder.SCHEDULES)}")
+    work = work or (Path.home() / ".cache" / "edgesafe" / "build" /
+                    f"{name}-{seed}-{schedule}-{builder.architecture_id()}")
     with out.progress() as progress:
-        info = build(out_dir or WEIGHTS_DIR, work=work, seed=seed, schedule=SCHEDULES[schedule],
-                     progress=lambda phase, step, total, loss: progress(phase, step, total))
+        info = builder.build(out_dir or WEIGHTS_DIR, work=work, seed=seed, schedule=builder.SCHEDULES[schedule],
+                             progress=lambda phase, step, total, loss: progress(phase, step, total))
     out.say(f"built {name} in {info['build_seconds']:.0f} s -> {out_dir or WEIGHTS_DIR}")
     out.event("built", **info)
 

@@ -21,3 +21,10 @@ class BudgetError(EdgesafeError):
 
 class CheckpointError(EdgesafeError):
     """A checkpoint that is missing, truncated or from another model."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message (its type's name when the message is empty), for the
+    one-line errors edgesafe shows in place of a third-party traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -15,17 +15,18 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from . import data
-from .bench.latency import measure_unet_ms
 from .devices import get_profile
 from .finetune.curves import save_curves
 from .finetune.losses import DenoisingTask
 from .finetune.memory import peak_gib
 from .finetune.trainer import Trainer
 from .finetune.trainer import stage_settings as finetune_settings
+from .measure.latency import measure_unet_ms
 from .models.loading import load_pipeline, resolve_source
 from .models.saving import save_student
 from .models.stats import count_macs, count_params, param_bytes, peak_rss_gib
-from .prune import accumulate_taylor_gradients, load_unet, prune_to_budget
+from .models.structure import load_unet, read_structure
+from .prune import accumulate_taylor_gradients, prune_to_budget
 from .recipe import Recipe
 from .runs import Stage, StageContext, fingerprint
 
@@ -143,7 +144,7 @@ def _prune(ctx: StageContext) -> dict[str, Any]:
         calibrate=calibrate, progress=lambda done, total: ctx.progress("prune: budget search", done, total),
     )
     del unet
-    save_student(result.unet, source, ctx.folder)
+    save_student(result.unet, source, ctx.folder, kept_channels=result.kept_channels)
     figures = unet_figures(result.unet, recipe, text_length=text_length)
     return {
         **figures,
@@ -171,10 +172,12 @@ PRUNE = Stage(
 def _finetune(ctx: StageContext) -> dict[str, Any]:
     recipe = ctx.recipe
     teacher = load_pipeline(recipe.model.source)
-    trainer = Trainer(teacher, load_unet(ctx.run.root / PRUNE.folder / "unet"), recipe, ctx.folder)
+    pruned = ctx.run.root / PRUNE.folder / "unet"
+    kept = read_structure(pruned)["kept_channels"]
+    trainer = Trainer(teacher, load_unet(pruned), recipe, ctx.folder, kept_channels=kept)
     result = trainer.run(resume=ctx.resume, checkpoint_every=recipe.finetune.checkpoint_every,
                          progress=lambda done, total: ctx.progress(f"finetune ({recipe.finetune.solver})", done, total))
-    save_student(result.student, ctx.run.root / PRUNE.folder, ctx.folder / "final")
+    save_student(result.student, ctx.run.root / PRUNE.folder, ctx.folder / "final", kept_channels=kept)
     save_curves(result.curves, ctx.folder)
     tail = result.curves[-10:]
     last = {k: sum(r[k] for r in tail if k in r) / max(1, sum(k in r for r in tail))
@@ -207,7 +210,8 @@ EXPORT = Stage(
     folder="3-export",
     description="export the student to ONNX / Core ML, quantize, and check parity against PyTorch",
     settings=lambda r: {"export": r.export.model_dump(), "data": r.data.model_dump(),
-                        "bench": r.bench.model_dump(include={"steps", "guidance_scale"})},
+                        "sampling": r.sampling.model_dump(),  # parity prompts: a concept prompt and data captions
+                        "concepts": [c.model_dump(include={"prompts"}) for c in r.concepts]},
     run=_export,
 )
 
@@ -221,7 +225,8 @@ BENCH = Stage(
     name="bench",
     folder="4-bench",
     description="time every artefact against the teacher, score quality and concept rates, write the report",
-    settings=lambda r: {"bench": r.bench.model_dump(), "check": r.check.model_dump(), "device": r.device,
+    settings=lambda r: {"bench": r.bench.model_dump(), "sampling": r.sampling.model_dump(),
+                        "check": r.check.model_dump(), "device": r.device,
                         "concepts": [c.model_dump() for c in r.concepts], "data": r.data.model_dump(),
                         "evaluator": r.model.evaluator},
     run=_bench,

@@ -9,25 +9,58 @@ expected. Relative paths inside a recipe are taken from the current working dire
 from __future__ import annotations
 
 import copy
+import importlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .devices import load_profiles
-from .errors import RecipeError
+from .errors import RecipeError, first_line
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _registered(name: str, registry: dict, what: str) -> str:
-    """``name`` if ``registry`` has it; else the error a recipe field shows, listing the known names."""
-    if name not in registry:
-        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(registry)}")
+REGISTRIES: dict[str, tuple[str, str]] = {
+    "solver": ("edgesafe.finetune.solvers", "SOLVERS"),
+    "optimizer": ("edgesafe.finetune.optimizers", "OPTIMIZERS"),
+    "lr schedule": ("edgesafe.finetune.solvers", "LR_SCHEDULES"),
+    "upper latents source": ("edgesafe.finetune.upper", "UPPER_LATENTS"),
+    "unlearning objective": ("edgesafe.finetune.unlearn", "OBJECTIVES"),
+    "parameter subset": ("edgesafe.finetune.unlearn", "PARAMETER_SUBSETS"),
+    "importance": ("edgesafe.prune.width", "IMPORTANCE"),
+    "block-removal variant": ("edgesafe.prune.blocks", "VARIANTS"),
+    "data kind": ("edgesafe.data", "DATA_KINDS"),
+    "zoo world": ("edgesafe.zoo", "WORLDS"),
+    "export target": ("edgesafe.export.targets", "TARGETS"),
+    "quantizer": ("edgesafe.export.targets", "QUANTIZERS"),
+    "detector": ("edgesafe.bench.detectors", "DETECTORS"),
+    "prompt set": ("edgesafe.bench.prompts", "PROMPT_SETS"),
+}
+"""Where the names of each extension point live (module, attribute): the one place a name is defined. The
+recipe's fields take their allowed values from these, imported when a recipe is validated."""
+
+
+def registry(what: str):
+    """The registry of ``what`` (a key of :data:`REGISTRIES`)."""
+    module, attr = REGISTRIES[what]
+    return getattr(importlib.import_module(module), attr)
+
+
+def _registered(name: str, what: str) -> str:
+    """``name`` if the registry of ``what`` has it; else the error a recipe field shows, listing the known names."""
+    known = registry(what)
+    if name not in known:
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(known)}")
     return name
+
+
+def Registered(what: str) -> Any:  # noqa: N802 (a type factory, used as a type)
+    """A recipe field holding a name from the registry of ``what``."""
+    return Annotated[str, AfterValidator(lambda name: _registered(name, what))]
 
 
 class ModelSpec(_Section):
@@ -57,8 +90,8 @@ class Budget(_Section):
 
 class PruneSpec(_Section):
     method: Literal["width", "blocks", "width+blocks"] = "width"
-    importance: Literal["magnitude", "taylor", "random"] = "magnitude"
-    blocks: Literal["base", "small", "tiny"] | None = None
+    importance: Registered("importance") = "magnitude"
+    blocks: Registered("block-removal variant") | None = None
     round_to: int | None = Field(default=None, ge=1)
     """Channel multiple; None takes the device profile's."""
     calibration_batches: int = Field(default=4, ge=1)
@@ -73,7 +106,7 @@ class PruneSpec(_Section):
 class DetectorSpec(_Section):
     """How the bench sees a concept in an image: a name from ``bench.detectors.DETECTORS`` and its settings."""
 
-    name: str
+    name: Registered("detector")
     label: str | None = None
     """What to detect, in the detector's terms (see ``bench.detectors``); each has a default."""
     model: str | None = None
@@ -87,13 +120,6 @@ class DetectorSpec(_Section):
     def _shorthand(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
 
-    @field_validator("name")
-    @classmethod
-    def _known_detector(cls, name: str) -> str:
-        from .bench.detectors import DETECTORS
-
-        return _registered(name, DETECTORS, "detector")
-
 
 class Concept(_Section):
     """An unwanted concept: its prompts for unlearning, and held-out paraphrases for evaluation."""
@@ -101,14 +127,14 @@ class Concept(_Section):
     name: str = Field(min_length=1)
     target: str = Field(min_length=1)
     """The words that name the concept inside its prompts (replaced by ``anchor`` for ablation)."""
-    objective: Literal["esd", "ablation"] = "esd"
+    objective: Registered("unlearning objective") = "esd"
     prompts: list[str] = Field(min_length=1)
     paraphrases: list[str] = Field(default_factory=list)
     anchor: str | None = None
     """What ``target`` becomes in the anchor prompts (``ablation``); ESD guides away instead."""
     eta: float = Field(default=1.0, gt=0)
     """ESD negative-guidance strength."""
-    params: Literal["xattn", "noxattn", "full"] = "xattn"
+    params: Registered("parameter subset") = "xattn"
     detector: DetectorSpec | None = None
     """How the bench measures the concept's rate; without one, its safety figures say "unavailable"."""
 
@@ -130,10 +156,10 @@ class Concept(_Section):
 
 
 class DataSpec(_Section):
-    """Fine-tuning images: the zoo world's generator, an image folder with captions, or a JSONL file."""
+    """Fine-tuning images: a zoo world's generator, an image folder with captions, or a JSONL file."""
 
-    kind: Literal["zoo", "folder", "jsonl", "hf-dataset"] = "zoo"
-    name: str | None = None
+    kind: Registered("data kind") = "zoo"
+    name: Registered("zoo world") | None = None
     path: str | None = None
     resolution: int | None = Field(default=None, ge=8)
     exclude_concepts: bool = True
@@ -162,18 +188,18 @@ class FinetuneSpec(_Section):
     """Fine-tuning: the solver (``finetune.solvers.SOLVERS``) and its settings. Each solver reads the shared
     settings and its own (``Solver.reads``); see docs/architecture.md for what each optimises."""
 
-    solver: str = "bilevel-alternating"
+    solver: Registered("solver") = "bilevel-alternating"
     steps: int = Field(default=2000, ge=1)
     """Lower-level (distillation) steps."""
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-4, gt=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Registered("lr schedule") = "constant"
     """Every optimizer's learning rate over the run (two-stage: over its distillation steps)."""
     lr_warmup_steps: int = Field(default=0, ge=0)
     upper_lr: float = Field(default=5e-4, gt=0)
     """The concepts' subsets' optimizer (two-stage, bilevel-alternating, bilevel-penalty)."""
     lower: LowerLevel = LowerLevel()
-    upper_latents: Literal["lower-batch", "concept-images", "model-samples"] = "lower-batch"
+    upper_latents: Registered("upper latents source") = "lower-batch"
     """Where the unlearning loss's noisy latents come from (``finetune.upper.UPPER_LATENTS``)."""
     erase_steps: int | None = Field(default=None, ge=1)
     """two-stage: erase steps after the ``steps`` lower steps; default 5% of ``steps``."""
@@ -200,23 +226,9 @@ class FinetuneSpec(_Section):
     weights; fp16 scales the loss). fp16 needs a GPU."""
     gradient_checkpointing: bool = False
     """Recompute the student's block activations in the backward pass instead of keeping them."""
-    optimizer: str = "adamw"
+    optimizer: Registered("optimizer") = "adamw"
     """A name from ``finetune.optimizers.OPTIMIZERS``: ``adamw``, or ``adamw-8bit`` (bitsandbytes), which
     keeps 2 bytes of optimizer state per parameter instead of 8."""
-
-    @field_validator("optimizer")
-    @classmethod
-    def _known_optimizer(cls, name: str) -> str:
-        from .finetune.optimizers import OPTIMIZERS
-
-        return _registered(name, OPTIMIZERS, "optimizer")
-
-    @field_validator("solver")
-    @classmethod
-    def _known_solver(cls, name: str) -> str:
-        from .finetune.solvers import SOLVERS
-
-        return _registered(name, SOLVERS, "solver")
 
     @model_validator(mode="before")
     @classmethod
@@ -226,18 +238,14 @@ class FinetuneSpec(_Section):
         return data
 
 
-QUANTIZERS = ("int8-ort-dynamic", "int8-ort-static", "int8-nncf", "int8-hybrid",
-              "coreml-linear8", "coreml-palettize4", "coreml-palettize6", "coreml-palettize8")
-
-
 class Tolerance(_Section):
     max_abs: float | None = Field(default=None, gt=0)
     psnr_db: float | None = Field(default=None, gt=0)
 
 
 class ExportSpec(_Section):
-    targets: list[Literal["onnx", "coreml"]] = Field(default_factory=lambda: ["onnx"])
-    quantize: list[str] = Field(default_factory=list)
+    targets: list[Registered("export target")] = Field(default_factory=lambda: ["onnx"])
+    quantize: list[Registered("quantizer")] = Field(default_factory=list)
     opset: int = Field(default=17, ge=14)
     parity: dict[Literal["fp32", "fp16", "int8", "palettized"], Tolerance] = Field(
         default_factory=lambda: {
@@ -248,13 +256,15 @@ class ExportSpec(_Section):
         }
     )
 
-    @field_validator("quantize")
-    @classmethod
-    def _known_quantizers(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in QUANTIZERS]
-        if unknown:
-            raise ValueError(f"unknown quantizer {unknown[0]!r}; known: {', '.join(QUANTIZERS)}")
-        return names
+
+class SamplingSpec(_Section):
+    """How images are sampled wherever a stage generates them: export parity and calibration, the bench's images
+    and timings, and fine-tuning's sampled unlearning latents."""
+
+    steps: int = Field(default=20, ge=1)
+    """Denoising steps (the pipeline's scheduler)."""
+    guidance_scale: float = Field(default=5.0, ge=0)
+    """Classifier-free guidance scale."""
 
 
 class BenchSpec(_Section):
@@ -264,9 +274,7 @@ class BenchSpec(_Section):
     """Seeds per prompt of the quality (wanted) prompt set."""
     safety_seeds: int = Field(default=8, ge=1)
     """Seeds per prompt of each concept prompt set (more images, a narrower interval)."""
-    steps: int = Field(default=20, ge=1)
-    guidance_scale: float = Field(default=5.0, ge=0)
-    prompt_sets: list[str] = Field(default_factory=lambda: ["direct", "paraphrase"])
+    prompt_sets: list[Registered("prompt set")] = Field(default_factory=lambda: ["direct", "paraphrase"])
     """Concept prompt sets, names from ``bench.prompts.PROMPT_SETS``."""
     wanted_prompts: int = Field(default=32, ge=1)
     """How many wanted prompts to draw from the data's captions (a zoo world brings its own set)."""
@@ -281,11 +289,7 @@ class BenchSpec(_Section):
 
     @field_validator("prompt_sets")
     @classmethod
-    def _known_sets(cls, names: list[str]) -> list[str]:
-        from .bench.prompts import PROMPT_SETS
-
-        for name in names:
-            _registered(name, PROMPT_SETS, "prompt set")
+    def _unique_sets(cls, names: list[str]) -> list[str]:
         if len(set(names)) != len(names):
             raise ValueError("prompt sets must not repeat")
         return names
@@ -319,6 +323,7 @@ class Recipe(_Section):
     data: DataSpec
     finetune: FinetuneSpec = FinetuneSpec()
     export: ExportSpec = ExportSpec()
+    sampling: SamplingSpec = SamplingSpec()
     bench: BenchSpec = BenchSpec()
     check: CheckSpec = CheckSpec()
 
@@ -363,7 +368,7 @@ def _format_error(source: str, exc: ValidationError) -> str:
         msg = "unknown key"
     elif err["type"] == "missing":
         msg = "required field missing"
-    elif "input" in err and not isinstance(err["input"], dict | list):
+    elif "input" in err and not isinstance(err["input"], dict | list) and repr(err["input"]) not in msg:
         msg += f" (got {err['input']!r})"
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{source}: {path}: {msg}{more}"
@@ -403,6 +408,5 @@ def load_recipe(path: str | Path, *, overrides: dict[str, Any] | None = None) ->
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RecipeError(f"{path}: not valid YAML ({first})") from None
+        raise RecipeError(f"{path}: not valid YAML ({first_line(exc)})") from None
     return recipe_from_dict(data, source=str(path), overrides=overrides)

@@ -1,11 +1,11 @@
 """Run folders and the generic stage runner.
 
 A run folder holds the resolved recipe and one sub-folder per stage, each with a ``stage.json``
-manifest: status, the key of its inputs (settings + hashes of what it reads), figures and wall
-time. ``--resume`` skips a stage whose manifest is complete with the same key, continues one that
-was interrupted with the same key (the stage resumes from its own checkpoints), and redoes one
-that is missing or stale. Manifests are written atomically; a stage is complete only once its
-manifest says so.
+manifest: its status (``running`` or ``complete``), the key of its inputs (settings + hashes of what
+it reads), figures and wall time. What ``compress`` does with each stage is one of :data:`ACTIONS`:
+with ``--resume`` it skips a stage whose manifest is complete with the same key, resumes one that was
+interrupted with the same key (the stage continues from its own checkpoints), and runs one that is
+missing or stale. Manifests are written atomically; a stage is complete only once its manifest says so.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import __version__
 from .errors import EdgesafeError
@@ -25,6 +25,14 @@ from .io import write_json, write_text
 from .recipe import Recipe
 
 MANIFEST = "stage.json"
+
+Action = Literal["skip", "resume", "run"]
+ACTIONS: dict[str, str] = {
+    "skip": "complete with the same inputs",
+    "resume": "interrupted with the same inputs: continues from its checkpoints",
+    "run": "not run yet, or its inputs changed",
+}
+"""What ``compress`` does with a stage, and why (the plan, the terminal and the JSON events all say these)."""
 
 
 def fingerprint(path: Path, *, chunk: int = 1 << 20) -> str:
@@ -78,7 +86,7 @@ class Stage:
 @dataclass(frozen=True)
 class StageOutcome:
     name: str
-    status: str  # "ran", "resumed" or "skipped"
+    action: Action
     manifest: dict[str, Any]
 
 
@@ -113,18 +121,21 @@ def stage_key(stage: Stage, recipe: Recipe, previous: dict[str, dict[str, Any]])
     return key, {"settings": settings, "inputs": inputs}
 
 
-def plan(recipe: Recipe, run: RunDir, stages: list[Stage], *, resume: bool) -> list[tuple[Stage, str]]:
-    """What ``run_stages`` would do with each stage: "skip", "resume", "run" (keys of earlier
-    stages are assumed unchanged, so a stage after one that runs is shown as "run" only if stale)."""
+def decide(manifest: dict[str, Any] | None, key: str, *, resume: bool) -> Action:
+    """What to do with a stage whose folder holds ``manifest`` and whose inputs now have ``key``."""
+    if not resume or manifest is None or manifest.get("key") != key:
+        return "run"
+    return "skip" if manifest.get("status") == "complete" else "resume"
+
+
+def plan(recipe: Recipe, run: RunDir, stages: list[Stage], *, resume: bool) -> list[tuple[Stage, Action]]:
+    """What ``run_stages`` would do with each stage (keys of earlier stages are assumed unchanged, so a stage
+    after one that runs is shown as "run" only if stale)."""
     previous: dict[str, dict[str, Any]] = {}
     actions = []
     for stage in stages:
         key, _ = stage_key(stage, recipe, previous)
-        m = run.manifest(stage)
-        if resume and m and m.get("key") == key:
-            actions.append((stage, "skip" if m.get("status") == "complete" else "resume"))
-        else:
-            actions.append((stage, "run"))
+        actions.append((stage, decide(run.manifest(stage), key, resume=resume)))
         previous[stage.name] = {"key": key}
     return actions
 
@@ -136,9 +147,10 @@ def run_stages(
     *,
     resume: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
-    on_stage: Callable[[Stage, str], None] | None = None,
+    on_stage: Callable[[Stage, Action], None] | None = None,
 ) -> list[StageOutcome]:
-    """Run ``stages`` in order into ``run``; see the module docstring for the resume rules."""
+    """Run ``stages`` in order into ``run``; see the module docstring for the resume rules. ``on_stage`` hears
+    each stage's action before it starts."""
     run.root.mkdir(parents=True, exist_ok=True)
     run.write_recipe(recipe)
     previous: dict[str, dict[str, Any]] = {}
@@ -147,14 +159,14 @@ def run_stages(
         key, detail = stage_key(stage, recipe, previous)
         folder = run.stage_dir(stage)
         old = run.manifest(stage)
-        same = resume and old is not None and old.get("key") == key
-        if same and old.get("status") == "complete":
-            outcomes.append(StageOutcome(stage.name, "skipped", old))
+        action = decide(old, key, resume=resume)
+        if on_stage:
+            on_stage(stage, action)
+        if action == "skip":
+            outcomes.append(StageOutcome(stage.name, action, old))
             previous[stage.name] = old
-            if on_stage:
-                on_stage(stage, "skipped")
             continue
-        continuing = same and old.get("status") == "running"
+        continuing = action == "resume"
         if folder.exists() and not continuing:
             for child in folder.iterdir():
                 if child.name not in stage.keep:
@@ -163,8 +175,6 @@ def run_stages(
         manifest: dict[str, Any] = {"stage": stage.name, "status": "running", "key": key, **detail,
                                     "edgesafe": __version__}
         write_json(folder / MANIFEST, manifest)
-        if on_stage:
-            on_stage(stage, "resumed" if continuing else "running")
         ctx = StageContext(recipe, run, folder, continuing, dict(previous), progress or (lambda *_: None))
         t0 = time.perf_counter()
         figures = stage.run(ctx)
@@ -173,5 +183,5 @@ def run_stages(
         manifest.update(status="complete", figures=figures, wall_seconds=round(time.perf_counter() - t0, 3))
         write_json(folder / MANIFEST, manifest)
         previous[stage.name] = manifest
-        outcomes.append(StageOutcome(stage.name, "resumed" if continuing else "ran", manifest))
+        outcomes.append(StageOutcome(stage.name, action, manifest))
     return outcomes

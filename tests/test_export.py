@@ -27,10 +27,26 @@ from edgesafe.export.onnx import export_component, latent_shape
 from edgesafe.export.parity import check_parity, component_parity, generate_pair, psnr_db
 from edgesafe.export.quantize import unet_calibration, weight_only_int8
 from edgesafe.export.runtime import session
+from edgesafe.models.inputs import unet_example_inputs
 from edgesafe.models.loading import load_pipeline
-from edgesafe.models.stats import unet_example_inputs
 from edgesafe.prune import prune_width
-from edgesafe.recipe import Tolerance
+from edgesafe.recipe import Tolerance, load_recipe
+
+PROMPTS = ["a red star on a checkerboard background", "a blue circle with stripes"]
+
+
+def test_parity_prompts_come_from_the_recipe(tmp_path):
+    from edgesafe.export import parity_prompts
+    from edgesafe.models.standin import write_captioned_images
+
+    shapes = load_recipe("recipes/tiny-shapes.yaml")
+    assert parity_prompts(shapes)[0] == shapes.concepts[0].prompts[0]
+    assert not any(w in parity_prompts(shapes)[1] for w in ("star", "checker"))  # a caption of concept-free data
+    write_captioned_images(tmp_path / "images", count=4, size=32, seed=0)
+    captions = {p.read_text().strip() for p in (tmp_path / "images").glob("*.txt")}
+    real = load_recipe("recipes/iphone15.yaml", overrides={"concepts": [], "finetune.solver": "kd",
+                                                          "data.path": str(tmp_path / "images")})
+    assert len(parity_prompts(real)) == 2 and set(parity_prompts(real)) <= captions
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +85,7 @@ def test_layout_is_optimums_and_its_pipeline_generates_the_same_image(pipe, onnx
 
 def test_bare_sessions_match_pytorch_at_any_batch(pipe, onnx_dir):
     runner = OnnxPipeline(onnx_dir)
-    errors = component_parity(pipe, runner)
+    errors = component_parity(pipe, runner, PROMPTS)
     assert set(errors) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
     assert all(e["max_abs"] < 1e-3 for e in errors.values()), errors
     sample = np.random.default_rng(0).standard_normal(latent_shape(pipe, 3)).astype(np.float32)
@@ -77,13 +93,13 @@ def test_bare_sessions_match_pytorch_at_any_batch(pipe, onnx_dir):
     out = runner.run("unet", sample=sample, timestep=np.array(10.0), encoder_hidden_states=hidden)[0]
     ref = pipe.unet(torch.from_numpy(sample), 10, torch.from_numpy(hidden)).sample.detach().numpy()
     assert out.shape == latent_shape(pipe, 3) and np.abs(out - ref).max() < 1e-3
-    ref_images, images = generate_pair(pipe, runner, steps=5)
+    ref_images, images = generate_pair(pipe, runner, PROMPTS, steps=5)
     assert psnr_db(ref_images, images) > 60
 
 
 def test_a_pruned_unet_exports_and_matches(pipe, tmp_path):
     student = load_pipeline("zoo:tiny-shapes")
-    student.unet = prune_width(student.unet, 0.5, unet_example_inputs(student.unet, batch=2, text_length=8))
+    student.unet = prune_width(student.unet, 0.5, unet_example_inputs(student.unet, batch=2, text_length=8)).unet
     path = export_component(student, "unet", tmp_path / "unet")
     sample, hidden = torch.randn(latent_shape(pipe, 2)), torch.randn(2, pipe.tokenizer.model_max_length, 64)
     got = session(path).run(None, {"sample": sample.numpy(), "timestep": np.array(700.0, np.float32),
@@ -112,7 +128,7 @@ def test_each_onnx_quantizer_shrinks_the_unet_and_keeps_the_image(pipe, onnx_dir
         assert "DequantizeLinear" in _ops(out / "text_encoder" / "model.onnx")
         assert (out / "vae_decoder" / "model.onnx").stat().st_size < 0.5 * (
             onnx_dir / "vae_decoder" / "model.onnx").stat().st_size
-    figures = onnx_parity(pipe, out, steps=6)
+    figures = onnx_parity(pipe, out, PROMPTS, steps=6)
     assert 12 < figures["image_psnr_db"] < 100  # changed, yet still the same picture
 
 
@@ -165,11 +181,11 @@ def test_a_broken_artefact_fails_parity_with_its_figures(pipe, onnx_dir, tmp_pat
         if np.prod(t.dims) > 1000:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.5, t.name))
     onnx.save(model, str(path))
-    figures = onnx_parity(pipe, broken, steps=6)
+    figures = onnx_parity(pipe, broken, PROMPTS, steps=6)
     with pytest.raises(ParityError, match=r"onnx/broken: parity failed: image PSNR [\d.]+ dB < 40 dB; "
                                           r"unet max-abs error [\d.e+-]+ > 0.001"):
         check_parity("onnx/broken", figures, Tolerance(max_abs=1e-3, psnr_db=40))
-    check_parity("onnx/fp32", onnx_parity(pipe, onnx_dir, steps=6), Tolerance(max_abs=1e-3, psnr_db=40))
+    check_parity("onnx/fp32", onnx_parity(pipe, onnx_dir, PROMPTS, steps=6), Tolerance(max_abs=1e-3, psnr_db=40))
 
 
 def test_an_unreadable_onnx_folder_is_one_clear_error(onnx_dir, tmp_path):
@@ -276,8 +292,7 @@ def test_coreml_weights_of_another_model_are_refused(coreml_dir, tmp_path):
     from edgesafe.export.coreml import load_coreml_weights
 
     pipe = load_pipeline("zoo:tiny-shapes")
-    pruned = prune_width(pipe.unet, 0.5, example_inputs=unet_example_inputs(pipe.unet, batch=1, text_length=16))
-    pipe.unet = pruned
+    pipe.unet = prune_width(pipe.unet, 0.5, example_inputs=unet_example_inputs(pipe.unet, batch=1, text_length=16)).unet
     out = quantize_coreml(coreml_dir, tmp_path / "pal6", "coreml-palettize6")
     with pytest.raises(EdgesafeError, match="matches no parameter of the unet"):
         load_coreml_weights(pipe, out)

@@ -12,11 +12,12 @@ from torch import nn
 from edgesafe import load_pipeline
 from edgesafe.errors import CheckpointError, EdgesafeError
 from edgesafe.finetune.solvers import SOLVERS, Setup, StepLosses, UpperTerm
-from edgesafe.finetune.trainer import Interrupted, Trainer
+from edgesafe.finetune.trainer import Trainer
+from edgesafe.models.inputs import unet_example_inputs
 from edgesafe.models.loading import load_evaluator
-from edgesafe.models.stats import unet_example_inputs
 from edgesafe.prune import prune_width
 from edgesafe.recipe import FinetuneSpec, load_recipe
+from edgesafe.training import Interrupted
 
 from .conftest import ROOT
 
@@ -129,18 +130,18 @@ def test_constrained_meets_its_target_at_the_constrained_optimum():
 def setup(short_pipeline_dir):
     teacher = load_pipeline(short_pipeline_dir)
     inputs = unet_example_inputs(teacher.unet, batch=1, text_length=teacher.tokenizer.model_max_length)
-    student = prune_width(teacher.unet, 0.25, inputs)
+    pruned = prune_width(teacher.unet, 0.25, inputs)
     overrides = {"finetune.steps": 4, "finetune.batch_size": 4, "finetune.checkpoint_every": 2}
-    return teacher, student, overrides
+    return teacher, pruned.unet, overrides, pruned.kept_channels
 
 
 def make_trainer(setup, folder, solver="bilevel-penalty", **settings):
     import copy
 
-    teacher, student, overrides = setup
+    teacher, student, overrides, kept = setup
     recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml",
                          overrides={**overrides, "finetune.solver": solver, **settings})
-    return Trainer(teacher, copy.deepcopy(student), recipe, folder)
+    return Trainer(teacher, copy.deepcopy(student), recipe, folder, kept_channels=kept)
 
 
 @pytest.mark.parametrize("solver", list(SOLVERS))
@@ -204,7 +205,7 @@ def test_upper_latents_from_the_teachers_concept_images_are_cached_once(setup, t
     shipped = load_pipeline("zoo:tiny-shapes")  # a teacher that draws the concepts
     settings = {**setup[2], "finetune.solver": "bilevel-alternating", "finetune.upper_latents": "concept-images"}
     recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides=settings)
-    first = Trainer(shipped, copy.deepcopy(setup[1]), recipe, tmp_path)
+    first = Trainer(shipped, copy.deepcopy(setup[1]), recipe, tmp_path, kept_channels=setup[3])
     cache = tmp_path / CACHE
     stamp = cache.stat().st_mtime_ns
     latents, which = first.upper.latents["star"]
@@ -213,7 +214,7 @@ def test_upper_latents_from_the_teachers_concept_images_are_cached_once(setup, t
     evaluator = load_evaluator("zoo:tiny-shapes-evaluator")
     names, _ = evaluator.classify(images.clamp(-1, 1))
     assert sum(v == "star" for v in names["object"]) >= 12  # the teacher drew the concept
-    again = Trainer(shipped, copy.deepcopy(setup[1]), recipe, tmp_path)
+    again = Trainer(shipped, copy.deepcopy(setup[1]), recipe, tmp_path, kept_channels=setup[3])
     assert cache.stat().st_mtime_ns == stamp and torch.equal(again.upper.latents["star"][0], latents)
     lower = again._losses(0, {})
     a = again.upper(again.recipe.concepts[1], 1, 5, 4, lambda: None)
@@ -238,12 +239,13 @@ def test_bad_checkpoints_are_clear_errors_and_never_replace_the_good_one(setup, 
     path.write_bytes(good[: len(good) // 3])
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         make_trainer(setup, tmp_path).run(resume=True, checkpoint_every=2)
-    teacher, student, overrides = setup
+    teacher, _, overrides, _ = setup
     other = prune_width(teacher.unet, 0.5, unet_example_inputs(teacher.unet, batch=1, text_length=16))
     path.write_bytes(good)
     recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides=overrides)
     with pytest.raises(CheckpointError, match="from another model"):
-        Trainer(teacher, other, recipe, tmp_path).run(resume=True, checkpoint_every=2)
+        Trainer(teacher, other.unet, recipe, tmp_path, kept_channels=other.kept_channels).run(resume=True,
+                                                                                            checkpoint_every=2)
 
 
 def test_unlearning_solver_without_concepts():
@@ -277,21 +279,21 @@ def test_two_cpu_ranks_take_identical_steps(short_pipeline_dir, tmp_path, launch
 def _own_trainer(short_pipeline_dir, folder, **overrides):
     """A trainer on its own teacher (the trainer moves and casts its teacher's components)."""
     teacher = load_pipeline(short_pipeline_dir)
-    student = prune_width(teacher.unet, 0.25, unet_example_inputs(teacher.unet, batch=1, text_length=16))
+    pruned = prune_width(teacher.unet, 0.25, unet_example_inputs(teacher.unet, batch=1, text_length=16))
     base = {"finetune.steps": 2, "finetune.batch_size": 4, "finetune.checkpoint_every": 100,
             "finetune.solver": "bilevel-penalty"}
     recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides={**base, **overrides})
-    return Trainer(teacher, student, recipe, folder)
+    return Trainer(teacher, pruned.unet, recipe, folder, kept_channels=pruned.kept_channels)
 
 
 def test_a_fine_tune_that_cannot_fit_stops_before_any_work(setup, tmp_path):
     import copy
 
-    teacher, student, overrides = setup
+    teacher, student, overrides, kept = setup
     recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml",
                          overrides={**overrides, "finetune.batch_size": 500_000})
     with pytest.raises(EdgesafeError, match=r"finetune needs about [\d.]+ GiB on cpu \(.*activations.*\) but"):
-        Trainer(teacher, copy.deepcopy(student), recipe, tmp_path)
+        Trainer(teacher, copy.deepcopy(student), recipe, tmp_path, kept_channels=kept)
     assert not (tmp_path / "checkpoints").exists()
 
 

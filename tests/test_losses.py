@@ -8,9 +8,8 @@ from diffusers import DDPMScheduler
 
 from edgesafe.finetune.losses import DenoisingTask, FeatureAligner, LowerObjective
 from edgesafe.finetune.unlearn import anchor_prompts, parameter_subset, unlearning_loss, unlearning_target
-from edgesafe.models.stats import unet_example_inputs
+from edgesafe.models.inputs import unet_example_inputs
 from edgesafe.prune import prune_width
-from edgesafe.prune.width import KEPT_ATTR
 from edgesafe.recipe import Concept, LowerLevel
 from edgesafe.zoo.tiny_shapes.build import SCHEDULER_CONFIG, make_unet
 
@@ -54,9 +53,9 @@ def test_lower_objective_of_the_teacher_itself(teacher):
 
 def test_kept_alignment_compares_the_kept_teacher_channels(teacher):
     inputs = unet_example_inputs(teacher, batch=1, text_length=16)
-    student = prune_width(teacher, 0.5, inputs)
-    aligner = FeatureAligner(student, teacher, "kept")
-    kept = getattr(student, KEPT_ATTR)
+    pruned = prune_width(teacher, 0.5, inputs)
+    aligner = FeatureAligner(pruned.unet, teacher, "kept", pruned.kept_channels)
+    kept = pruned.kept_channels
     gen = torch.Generator().manual_seed(0)
     t_feats = {p: torch.randn(1, teacher.get_submodule(p).resnets[-1].conv2.out_channels, 2, 2, generator=gen)
                for p in aligner.points}
@@ -68,7 +67,7 @@ def test_kept_alignment_compares_the_kept_teacher_channels(teacher):
 
 def test_projection_alignment_is_learnable(teacher):
     inputs = unet_example_inputs(teacher, batch=1, text_length=16)
-    student = prune_width(teacher, 0.5, inputs)
+    student = prune_width(teacher, 0.5, inputs).unet
     aligner = FeatureAligner(student, teacher, "projection")
     assert sum(p.numel() for p in aligner.parameters()) > 0
     with pytest.raises(ValueError, match="unknown feature alignment"):

@@ -9,11 +9,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from edgesafe.errors import BudgetError
 from edgesafe.models.architectures import UNET_CONFIGS
-from edgesafe.models.stats import count_macs, count_params, meta_copy, unet_example_inputs
-from edgesafe.prune import accumulate_taylor_gradients, load_unet, prune_to_budget, prune_width, save_unet
+from edgesafe.models.inputs import unet_example_inputs
+from edgesafe.models.stats import count_macs, count_params, meta_copy
+from edgesafe.models.structure import SPEC_NAME, load_unet, read_structure, save_unet
+from edgesafe.prune import accumulate_taylor_gradients, prune_to_budget, prune_width
 from edgesafe.prune.blocks import bk_sdm_param_count, remove_blocks
 from edgesafe.prune.budget import trace_inputs
-from edgesafe.prune.structure import SPEC_NAME
 from edgesafe.prune.width import score_channels
 from edgesafe.recipe import Budget
 from edgesafe.zoo.tiny_shapes.build import make_unet
@@ -38,7 +39,7 @@ def _taylor(unet, inputs):
 def test_width_pruning_keeps_a_working_unet(unet, inputs, importance):
     if importance == "taylor":
         _taylor(unet, inputs)
-    student = prune_width(unet, 0.5, inputs, importance=importance, round_to=8)
+    student = prune_width(unet, 0.5, inputs, importance=importance, round_to=8).unet
     unet.zero_grad(set_to_none=True)
     assert 0.2 < count_params(student) / count_params(unet) < 0.3  # width^2
     out = student(*inputs).sample
@@ -57,10 +58,10 @@ def test_width_pruning_keeps_a_working_unet(unet, inputs, importance):
 
 
 def test_importances_choose_differently(unet, inputs):
-    magnitude = prune_width(unet, 0.5, inputs, importance="magnitude")
-    random = prune_width(unet, 0.5, inputs, importance="random", seed=1)
+    magnitude = prune_width(unet, 0.5, inputs, importance="magnitude").unet
+    random = prune_width(unet, 0.5, inputs, importance="random", seed=1).unet
     assert not torch.equal(magnitude.conv_in.weight, random.conv_in.weight)
-    again = prune_width(unet, 0.5, inputs, importance="random", seed=1)
+    again = prune_width(unet, 0.5, inputs, importance="random", seed=1).unet
     assert torch.equal(random.conv_in.weight, again.conv_in.weight)
 
 
@@ -71,7 +72,7 @@ def test_taylor_needs_gradients(unet, inputs):
 
 
 def test_save_load_round_trip_without_pickle(unet, inputs, tmp_path):
-    student = prune_width(unet, 0.5, inputs)
+    student = prune_width(unet, 0.5, inputs).unet
     save_unet(student, tmp_path)
     assert (tmp_path / SPEC_NAME).is_file() and not list(tmp_path.glob("*.bin"))
     again = load_unet(tmp_path)
@@ -81,9 +82,9 @@ def test_save_load_round_trip_without_pickle(unet, inputs, tmp_path):
 def test_corrupt_structure_is_a_clear_error(unet, inputs, tmp_path):
     from edgesafe.errors import ModelLoadError
 
-    save_unet(prune_width(unet, 0.5, inputs), tmp_path)
+    save_unet(prune_width(unet, 0.5, inputs).unet, tmp_path)
     other = tmp_path / "other"
-    save_unet(prune_width(unet, 0.25, inputs), other)
+    save_unet(prune_width(unet, 0.25, inputs).unet, other)
     (tmp_path / "diffusion_pytorch_model.safetensors").replace(other / "diffusion_pytorch_model.safetensors")
     with pytest.raises(ModelLoadError, match="does not match"):
         load_unet(other)
@@ -109,7 +110,8 @@ def test_budget_search_hits_the_target(unet, inputs, metric, ratio, measure):
     assert seen[0] == "cpu" and set(seen[1:]) == {"meta"}  # the teacher, then weightless trials only
     assert result.unet is own  # the chosen ratio is applied in place: no second copy of the UNet
     direct = prune_width(unet, result.ratio, inputs)  # the same channels as pruning the real UNet directly
-    assert all(torch.equal(a, b) for a, b in zip(direct.parameters(), result.unet.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(direct.unet.parameters(), result.unet.parameters(), strict=True))
+    assert result.kept_channels == direct.kept_channels
 
 
 def test_unreachable_budget_names_the_smallest(unet, inputs):
@@ -119,9 +121,9 @@ def test_unreachable_budget_names_the_smallest(unet, inputs):
 
 def test_pruning_traced_small_or_on_meta_matches_full_size(unet, inputs):
     scores = score_channels(unet, trace_inputs(unet))
-    full = prune_width(unet, 0.4, inputs, round_to=8)
-    small = prune_width(unet, 0.4, trace_inputs(unet), scores=scores, round_to=8)
-    shape = prune_width(meta_copy(unet), 0.4, trace_inputs(meta_copy(unet)), scores=scores, round_to=8)
+    full = prune_width(unet, 0.4, inputs, round_to=8).unet
+    small = prune_width(unet, 0.4, trace_inputs(unet), scores=scores, round_to=8).unet
+    shape = prune_width(meta_copy(unet), 0.4, trace_inputs(meta_copy(unet)), scores=scores, round_to=8).unet
     assert all(torch.equal(a, b) for a, b in zip(full.parameters(), small.parameters(), strict=True))
     assert [p.shape for p in shape.parameters()] == [p.shape for p in full.parameters()]
     assert all(p.is_meta for p in shape.parameters())
@@ -166,13 +168,27 @@ def test_block_removal_loads_with_plain_from_pretrained(unet, inputs, variant, t
 
 
 def test_kept_channels_name_the_teacher_channels_each_block_output_kept(unet, inputs, tmp_path):
-    from edgesafe.prune.width import KEPT_ATTR, block_output_layers
+    from diffusers import StableDiffusionPipeline
 
-    student = prune_width(unet, 0.5, inputs)
-    kept = getattr(student, KEPT_ATTR)
+    from edgesafe.models.architectures import block_output_layers
+    from edgesafe.models.loading import resolve_source
+    from edgesafe.models.saving import save_student
+
+    pruned = prune_width(unet, 0.5, inputs)
+    student, kept = pruned.unet, pruned.kept_channels
     assert set(kept) == set(block_output_layers(unet))
     for point, layer in block_output_layers(unet).items():
         teacher_bias, student_bias = unet.get_submodule(layer).bias, student.get_submodule(layer).bias
         assert torch.equal(teacher_bias[kept[point]], student_bias), point
-    save_unet(student, tmp_path)
-    assert getattr(load_unet(tmp_path), KEPT_ATTR) == kept
+    again = prune_width(student, 0.5, inputs, kept_channels=kept)  # pruning a pruned UNet composes
+    for point, layer in block_output_layers(unet).items():
+        assert torch.equal(unet.get_submodule(layer).bias[again.kept_channels[point]],
+                           again.unet.get_submodule(layer).bias), point
+    save_unet(student, tmp_path / "unet", kept_channels=kept)
+    assert read_structure(tmp_path / "unet")["kept_channels"] == kept
+    assert read_structure(tmp_path)["kept_channels"] == {}  # a plain UNet folder: nothing pruned
+    # a student folder loaded and saved again by plain diffusers keeps them
+    save_student(student, resolve_source("zoo:tiny-shapes"), tmp_path / "student", kept_channels=kept)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "student", safety_checker=None, local_files_only=True)
+    pipe.save_pretrained(tmp_path / "again")
+    assert read_structure(tmp_path / "again" / "unet")["kept_channels"] == kept

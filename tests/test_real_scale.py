@@ -33,7 +33,7 @@ def test_a_real_model_recipe_compresses_end_to_end(tmp_path, images, arch, recip
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "edgesafe", "export", "--recipe", str(ROOT / "recipes" / f"{recipe}.yaml"),
            "--model", str(model), "--out", str(run), "--set", f"data.path={images}", "--set", "data.resolution=256",
-           "--set", "finetune.steps=2", "--set", "finetune.batch_size=1", "--set", "bench.steps=2", *extra]
+           "--set", "finetune.steps=2", "--set", "finetune.batch_size=1", "--set", "sampling.steps=2", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     for folder in ("0-teacher", "1-prune", "2-finetune", "3-export"):

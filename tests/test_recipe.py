@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgesafe.errors import EdgesafeError, RecipeError
-from edgesafe.recipe import Recipe, load_recipe, recipe_from_dict
+from edgesafe.recipe import REGISTRIES, Recipe, load_recipe, recipe_from_dict, registry
 
 from .conftest import RECIPES, ROOT
 
@@ -42,7 +42,7 @@ def test_defaults_are_filled_and_round_trip():
         ({"budget.metric": "latency", "budget.ms_per_step": 90}, "budget: a latency budget needs exactly one of"),
         ({"concepts": [], "finetune.solver": "kd"}, None),
         ({"concepts": [], "finetune.solver": "two-stage"}, "finetune.solver two-stage needs at least one concept"),
-        ({"export.quantize": ["int4-magic"]}, "export.quantize: unknown quantizer 'int4-magic'"),
+        ({"export.quantize": ["int4-magic"]}, "export.quantize.0: unknown quantizer 'int4-magic'"),
         ({"prune.method": "blocks"}, "prune: method 'blocks' needs 'blocks'"),
     ],
 )
@@ -133,13 +133,53 @@ def test_mutated_recipes_load_or_raise_edgesafe_error(edits):
         assert str(exc).startswith("mutated.yaml: ")
 
 
-def test_solver_names_come_from_the_registry():
-    from edgesafe.finetune.solvers import SOLVERS
+# every registry (edgesafe.recipe.REGISTRIES) -> a recipe field that takes its names, set by an override
+REGISTERED_FIELDS = {
+    "solver": "finetune.solver", "optimizer": "finetune.optimizer", "lr schedule": "finetune.lr_schedule",
+    "upper latents source": "finetune.upper_latents", "unlearning objective": "concepts.0.objective",
+    "parameter subset": "concepts.0.params", "importance": "prune.importance",
+    "block-removal variant": "prune.blocks", "data kind": "data.kind", "zoo world": "data.name",
+    "export target": "export.targets.0", "quantizer": "export.quantize.0", "detector": "concepts.0.detector.name",
+    "prompt set": "bench.prompt_sets.0",
+}
 
-    for name in SOLVERS:
-        assert load_recipe(TINY, overrides={"finetune.solver": name}).finetune.solver == name
-    with pytest.raises(RecipeError, match=r"finetune.solver: unknown solver 'bilevel'; known: kd, two-stage"):
-        load_recipe(TINY, overrides={"finetune.solver": "bilevel"})
+
+def _with(data: dict, dotted: str, value) -> dict:
+    data = copy.deepcopy(data)
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    if isinstance(node, list):
+        node[int(leaf)] = value
+    else:
+        node[leaf] = value
+    return data
+
+
+@pytest.mark.parametrize("what", sorted(REGISTRIES))
+def test_the_schema_takes_every_registered_name_and_only_those(what):
+    """The schema's allowed values are the registry's names: each validates (or fails for another reason
+    than its name), and an unknown one is refused with exactly the registry's names listed."""
+    base = tiny_data()
+    base["export"] = {"targets": ["onnx"], "quantize": ["int8-ort-dynamic"]}
+    base["concepts"][0]["detector"] = {"name": "tiny-shapes"}
+    base.setdefault("bench", {})["prompt_sets"] = ["direct"]
+    field = REGISTERED_FIELDS[what]
+    names = list(registry(what))
+    assert names
+    for name in names:
+        try:
+            recipe_from_dict(_with(base, field, name))
+        except RecipeError as exc:
+            assert "unknown" not in str(exc), exc
+    with pytest.raises(RecipeError) as refused:
+        recipe_from_dict(_with(base, field, "no-such-name"))
+    assert f"unknown {what} 'no-such-name'; known: {', '.join(names)}" in str(refused.value)
+
+
+def test_every_registry_has_a_field():
+    assert set(REGISTERED_FIELDS) == set(REGISTRIES)
 
 
 def test_two_stage_erases_for_five_percent_of_the_steps_by_default():
@@ -160,9 +200,9 @@ def test_the_finetune_key_holds_only_what_the_solver_reads():
     assert key(**pen) != key(**pen, **{"finetune.penalty_lambda": 7.0})
     assert key(**pen) == key(**pen, **{"finetune.upper_every": 3})
     # sampled upper latents depend on the sampler's settings; the lower batch's do not
-    assert key(**pen) == key(**pen, **{"bench.steps": 9})
+    assert key(**pen) == key(**pen, **{"sampling.steps": 9})
     sampled = {**pen, "finetune.upper_latents": "model-samples"}
-    assert key(**sampled) != key(**sampled, **{"bench.steps": 9})
+    assert key(**sampled) != key(**sampled, **{"sampling.steps": 9})
 
 
 def test_bilevel_penalty_needs_a_lower_level_left_by_the_concepts():

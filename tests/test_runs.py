@@ -34,7 +34,7 @@ def make_stages(log: list, fail_at: set[str] | None = None):
 def test_run_writes_manifests_and_recipe(tmp_path, recipe):
     log = []
     outcomes = run_stages(recipe, RunDir(tmp_path), make_stages(log))
-    assert [o.status for o in outcomes] == ["ran", "ran"]
+    assert [o.action for o in outcomes] == ["run", "run"]
     m = json.loads((tmp_path / "2-b" / MANIFEST).read_text())
     assert m["status"] == "complete" and m["figures"] == {"steps": 600, "saw": ["a"]}
     assert m["inputs"]["stage:a"] == json.loads((tmp_path / "1-a" / MANIFEST).read_text())["key"]
@@ -47,11 +47,11 @@ def test_resume_skips_matching_and_redoes_stale(tmp_path, recipe):
     run = RunDir(tmp_path)
     run_stages(recipe, run, make_stages(log))
     log.clear()
-    assert [o.status for o in run_stages(recipe, run, make_stages(log), resume=True)] == ["skipped", "skipped"]
+    assert [o.action for o in run_stages(recipe, run, make_stages(log), resume=True)] == ["skip", "skip"]
     assert log == []
     changed = recipe.model_copy(update={"finetune": recipe.finetune.model_copy(update={"steps": 5})})
     assert [a for _, a in plan(changed, run, make_stages(log), resume=True)] == ["skip", "run"]
-    assert [o.status for o in run_stages(changed, run, make_stages(log), resume=True)] == ["skipped", "ran"]
+    assert [o.action for o in run_stages(changed, run, make_stages(log), resume=True)] == ["skip", "run"]
     assert log == [("b", False)]
     # a change upstream makes every later stage stale
     upstream = recipe.model_copy(update={"budget": recipe.budget.model_copy(update={"ratio": 0.3})})
@@ -76,7 +76,7 @@ def test_interrupted_stage_continues_with_its_files(tmp_path, recipe):
     assert [a for _, a in plan(recipe, run, make_stages(log), resume=True)] == ["skip", "resume"]
     log.clear()
     outcomes = run_stages(recipe, run, make_stages(log), resume=True)
-    assert [o.status for o in outcomes] == ["skipped", "resumed"]
+    assert [o.action for o in outcomes] == ["skip", "resume"]
     assert log == [("b", True)]
 
 

@@ -9,9 +9,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from edgesafe import PrunedUNet2DConditionModel, load_pipeline
+from edgesafe.models.inputs import unet_example_inputs
 from edgesafe.models.loading import resolve_source
 from edgesafe.models.saving import save_student
-from edgesafe.models.stats import unet_example_inputs
 from edgesafe.prune import prune_width, remove_blocks
 
 PLAIN = dict(safety_checker=None, requires_safety_checker=False, local_files_only=True)
@@ -21,10 +21,10 @@ def test_width_pruned_student_loads_with_plain_diffusers(tmp_path):
     source = resolve_source("zoo:tiny-shapes")
     teacher = load_pipeline(source)
     inputs = unet_example_inputs(teacher.unet, batch=1, text_length=16)
-    student = prune_width(teacher.unet, 0.5, inputs)
+    student = prune_width(teacher.unet, 0.5, inputs).unet
     save_student(student, source, tmp_path / "student")
     index = json.loads((tmp_path / "student" / "model_index.json").read_text())
-    assert index["unet"] == ["edgesafe.prune.structure", "PrunedUNet2DConditionModel"]
+    assert index["unet"] == ["edgesafe.models.structure", "PrunedUNet2DConditionModel"]
     for name in ("text_encoder", "vae", "tokenizer", "scheduler"):  # the teacher's, byte for byte
         for f in (source / name).iterdir():
             assert (tmp_path / "student" / name / f.name).read_bytes() == f.read_bytes()

@@ -71,3 +71,26 @@ def test_concept_prompts_name_the_concept(name):
     concept = world.UNWANTED[name]
     for p in world.concept_prompts(name):
         assert getattr(p, concept.head) == concept.value
+
+
+def test_zoo_data_leaves_out_what_the_recipes_concepts_name():
+    """The data, wanted prompts and real images of a zoo recipe exclude the values its own concepts name, not the
+    world's list: a recipe that suppresses only stars keeps checkerboards in its data."""
+    from edgesafe.data import Batches, wanted_prompts
+    from edgesafe.recipe import load_recipe
+
+    shapes = load_recipe("recipes/tiny-shapes.yaml")
+    only_star = load_recipe("recipes/tiny-shapes.yaml", overrides={"concepts": [shapes.concepts[1].model_dump()]})
+    assert world.values_named([c.target for c in only_star.concepts]) == ("star",)
+    assert world.values_named(["a red star on a chessboard"]) == ("star", "red", "checkerboard")
+    for recipe, kept in ((shapes, set()), (only_star, {"checkerboard"})):
+        labels = set()
+        batches = Batches(recipe, batch_size=64, resolution=32, seed=0)
+        for step in range(5):
+            labels |= {w for c in batches(step)[1] for w in c.split()}
+        prompts = " ".join(wanted_prompts(recipe)).split()
+        for value in ("star", "checkerboard"):
+            present = bool(set(world.WORDS["object" if value == "star" else "style"][value]) & labels)
+            assert present == (value in kept), (recipe.concepts, value)
+            assert bool(set(world.WORDS["object" if value == "star" else "style"][value]) & set(prompts)) == (
+                value in kept)

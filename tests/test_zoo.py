@@ -9,11 +9,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from edgesafe import load_evaluator, load_pipeline
-from edgesafe.bench.world_metrics import evaluate_pipeline, frechet_distance, generate, real_images
 from edgesafe.errors import ModelLoadError
+from edgesafe.measure.images import frechet_distance, generate
 from edgesafe.zoo import WEIGHTS_DIR
 from edgesafe.zoo.tiny_shapes import world
 from edgesafe.zoo.tiny_shapes.build import SCHEDULES, Cycle, build
+from edgesafe.zoo.tiny_shapes.metrics import evaluate_pipeline, real_images
 
 BUILT = (WEIGHTS_DIR / "tiny-shapes").is_dir()
 needs_zoo = pytest.mark.skipif(not BUILT, reason="zoo weights not built in this checkout")
@@ -28,11 +29,16 @@ def test_short_build_writes_real_diffusers_folders(short_build):
 
 
 def test_build_is_deterministic_and_resumable(tmp_path, short_build):
-    """Same seed, fresh work folder, killed after the evaluator phase: the same weights."""
+    """Same seed, fresh work folder, killed after the evaluator phase and halfway through the first diffusion cycle
+    (its optimizer and EMA state restored from the checkpoint of step 2): the same weights."""
     work = tmp_path / "work"
     build(tmp_path / "a", work=work, seed=0, schedule=SCHEDULES["short"])
-    for phase in ["vae"] + [c.name for c in SCHEDULES["short"].cycles]:
+    for phase in ["vae"] + [c.name for c in SCHEDULES["short"].cycles[1:]]:
         shutil.rmtree(work / phase)
+    first = work / SCHEDULES["short"].cycles[0].name
+    assert sorted(p.name for p in first.glob("step-*")) == ["step-0000002.safetensors", "step-0000004.safetensors"]
+    (first / "step-0000004.safetensors").unlink()
+    (first / "latest.json").write_text(json.dumps({"file": "step-0000002.safetensors", "step": 2}))
     build(tmp_path / "b", work=work, seed=0, schedule=SCHEDULES["short"])
     for sub in ("tiny-shapes/unet", "tiny-shapes/vae", "tiny-shapes-evaluator"):
         a = (tmp_path / "a" / sub).glob("*.safetensors")

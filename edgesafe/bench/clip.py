@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,8 +27,7 @@ class LocalClip:
             self.model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelLoadError(f"{path}: cannot load CLIP ({first})") from None
+            raise ModelLoadError(f"{path}: cannot load CLIP ({first_line(exc)})") from None
         self.size = self.model.config.vision_config.image_size
 
     @torch.no_grad()

@@ -112,6 +112,9 @@ class ClipDetector(Detector):
 
 @dataclass(frozen=True)
 class DetectorKind:
+    """A registered detector: ``build(concept, recipe)`` makes the callable that says, per image, whether the
+    concept is there; ``summary`` is the line ``edgesafe`` shows for it."""
+
     build: Callable[..., Detector]
     summary: str
 

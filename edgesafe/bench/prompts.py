@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PromptSet:
+    """A registered concept prompt set (a section of the report's safety figures)."""
+
     prompts: Callable[..., list[str]]
     """(concept) -> prompts."""
     summary: str

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .world_metrics import frechet_distance
+from ..measure.images import frechet_distance
 
 
 def psnr_db(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -103,6 +103,8 @@ class ClipQuality:
 
 @dataclass(frozen=True)
 class Scorer:
+    """A registered quality scorer: ``build`` makes a callable from (images, prompts) to figures."""
+
     build: Callable[..., Callable[[torch.Tensor, list[str]], dict]]
     unavailable: Callable[..., str | None]
     """(recipe) -> why the scorer cannot run for this recipe, or None."""

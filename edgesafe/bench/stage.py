@@ -104,11 +104,11 @@ def run_subjects(
         if not result.is_file():
             job: dict[str, Any] = {"subject": subject.to_dict(), "latent_shape": shape, "result": str(result)}
             if round_ is not None:
-                job["time"] = {"prompt": prompt, "seed": recipe.seed, "steps": bench.steps,
-                               "guidance": bench.guidance_scale, "repeats": bench.latency_repeats}
+                job["time"] = {"prompt": prompt, "seed": recipe.seed, "steps": recipe.sampling.steps,
+                               "guidance": recipe.sampling.guidance_scale, "repeats": bench.latency_repeats}
             if generate:
-                job["generate"] = {"groups": groups, "steps": bench.steps, "guidance": bench.guidance_scale,
-                                   "batch": batch, "out": str(images)}
+                job["generate"] = {"groups": groups, "steps": recipe.sampling.steps,
+                                   "guidance": recipe.sampling.guidance_scale, "batch": batch, "out": str(images)}
             _run_worker(job, folder, subject)
         if round_ is not None:
             outcomes[subject.name]["rounds"].append(read_json(result))
@@ -145,7 +145,7 @@ def device_estimate(recipe, figures: dict | None) -> dict | None:
     if profile.measured or not figures:
         return None
     ms = profile.estimate_ms_per_step(figures["unet_macs_per_step"], figures["unet_param_bytes"])
-    return {"device": profile.name, "unet_step_ms": round(ms, 3), "denoising_ms": round(ms * recipe.bench.steps, 1),
+    return {"device": profile.name, "unet_step_ms": round(ms, 3), "denoising_ms": round(ms * recipe.sampling.steps, 1),
             "kind": "estimate", "source": profile.provenance()}
 
 
@@ -198,7 +198,10 @@ def _parity(export_dir: Path, subject: Subject, recipe) -> dict | None:
     figures = read_json(path).get("onnx", {}).get(variant)
     if not figures:
         return None
-    tolerance = recipe.export.parity["fp32" if variant == "fp32" else "int8"]
+    from ..export.targets import TARGETS
+
+    onnx = TARGETS["onnx"]
+    tolerance = recipe.export.parity[onnx.parity["base" if variant == onnx.base else "quantized"]]
     return {"image_psnr_db": round(figures["image_psnr_db"], 3),
             "unet_max_abs": figures["components"]["unet"]["max_abs"], "tolerance_psnr_db": tolerance.psnr_db}
 
@@ -285,7 +288,7 @@ def bench_stage(ctx: StageContext) -> dict[str, Any]:
         "environment": environment(),
         "seeds": {"wanted": sorted({s for _, s in groups["wanted"]}),
                   "safety": [recipe.seed + i for i in range(recipe.bench.safety_seeds)], "latency": recipe.seed,
-                  "steps": recipe.bench.steps, "guidance_scale": recipe.bench.guidance_scale},
+                  "steps": recipe.sampling.steps, "guidance_scale": recipe.sampling.guidance_scale},
         "prompt_sets": {"wanted": {"source": f"data ({recipe.data.kind})", "prompts": list(dict.fromkeys(wanted))},
                         **{k: v for k, v in concept_prompts(recipe).items()}},
         "detectors": {c: d.description for c, d in detectors.items()},

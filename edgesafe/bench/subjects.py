@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgesafeError
+from ..models.inputs import token_ids
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,7 @@ class TorchRunner:
     def time_components(self, prompt: str, latents: np.ndarray, *, steps: int, guidance: float,
                         repeats: int) -> dict[str, list[float]]:
         pipe = self.pipe
-        ids = pipe.tokenizer([prompt, ""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = token_ids(pipe.tokenizer, [prompt, ""])
         hidden = pipe.text_encoder(ids)[0]
         x = torch.from_numpy(latents)
         x2, t = torch.cat([x, x]), torch.tensor(500.0)
@@ -102,8 +102,7 @@ class OnnxRunner:
     def time_components(self, prompt: str, latents: np.ndarray, *, steps: int, guidance: float,
                         repeats: int) -> dict[str, list[float]]:
         r = self.runner
-        ids = r.tokenizer([prompt, ""], padding="max_length", max_length=r.tokenizer.model_max_length,
-                          truncation=True, return_tensors="np").input_ids
+        ids = token_ids(r.tokenizer, [prompt, ""]).numpy()
         hidden = r.run("text_encoder", input_ids=ids)[0]
         x2 = np.concatenate([latents, latents])
         return {
@@ -135,6 +134,8 @@ class CoremlWeightsRunner(TorchRunner):
 
 @dataclass(frozen=True)
 class SubjectKind:
+    """A registered kind of bench subject: ``runner(subject)`` loads it and times and generates with it."""
+
     runner: Callable[[Subject], Any]
     latency_note: str | None = None
     """Why host latency is not measured for this kind (None: it is)."""

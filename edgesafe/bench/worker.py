@@ -17,13 +17,14 @@ import torch
 
 from ..errors import EdgesafeError
 from ..io import save_tensors, write_json
+from ..models.inputs import seeded_normal
 from ..models.stats import peak_rss_gib
 from .subjects import SUBJECT_KINDS, Subject
 
 
 def seeded_latents(shape: list[int], seeds: list[int]) -> np.ndarray:
     """One latent per seed, each from its own generator (a figure does not depend on batching)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).numpy()
+    return torch.stack([seeded_normal(shape, s) for s in seeds]).numpy()
 
 
 def run_job(job: dict) -> None:

@@ -1,6 +1,6 @@
 """Image-caption data for calibration and fine-tuning: the zoo world, an image folder, or JSONL.
 
-- ``zoo``: the named world's generator (``tiny-shapes``), seeded per batch;
+- ``zoo``: the generator of a zoo world (``zoo.WORLDS``), seeded per batch;
 - ``folder``: images with a same-named ``.txt`` caption beside each;
 - ``jsonl``: one ``{"image": path, "text": caption}`` per line, paths relative to the file.
 
@@ -11,7 +11,9 @@ paper's setting: the fine-tuning data lacks the concepts the teacher knows).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -19,36 +21,54 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import EdgesafeError
 from ..recipe import Recipe
+from ..zoo import load_world
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def _folder_samples(path: Path) -> list[tuple[Path, str]]:
+    if not path.is_dir():
+        raise EdgesafeError(f"data.path: no such folder {path}")
+    return [(img, img.with_suffix(".txt").read_text().strip()) for img in sorted(path.iterdir())
+            if img.suffix.lower() in IMAGE_SUFFIXES and img.with_suffix(".txt").is_file()]
+
+
+def _jsonl_samples(path: Path) -> list[tuple[Path, str]]:
+    if not path.is_file():
+        raise EdgesafeError(f"data.path: no such file {path}")
+    samples = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            samples.append((path.parent / row["image"], str(row["text"])))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise EdgesafeError(f"{path}:{n}: expected {{\"image\": ..., \"text\": ...}}") from None
+    return samples
+
+
+FILE_SOURCES: dict[str, Callable[[Path], list[tuple[Path, str]]]] = {"folder": _folder_samples, "jsonl": _jsonl_samples}
+"""``data.kind``s read from files: ``data.path`` -> (image path, caption) pairs."""
+DATA_KINDS = ("zoo", *FILE_SOURCES)
+"""Every ``data.kind``: a zoo world's generator, or a file source."""
 
 
 def _concept_words(recipe: Recipe) -> list[str]:
     return [c.target.lower() for c in recipe.concepts]
 
 
+def _world(recipe: Recipe) -> tuple[ModuleType, tuple[str, ...]]:
+    """The zoo world of ``recipe``'s data and the values its samples leave out: those the concepts' targets
+    name, when the data excludes the concepts."""
+    world = load_world(recipe.data.name or "")
+    return world, world.values_named(_concept_words(recipe)) if recipe.data.exclude_concepts else ()
+
+
 def _file_samples(recipe: Recipe) -> list[tuple[Path, str]]:
     spec = recipe.data
     path = Path(spec.path or "")
-    if spec.kind == "folder":
-        if not path.is_dir():
-            raise EdgesafeError(f"data.path: no such folder {path}")
-        samples = [(img, img.with_suffix(".txt").read_text().strip()) for img in sorted(path.iterdir())
-                   if img.suffix.lower() in IMAGE_SUFFIXES and img.with_suffix(".txt").is_file()]
-    elif spec.kind == "jsonl":
-        if not path.is_file():
-            raise EdgesafeError(f"data.path: no such file {path}")
-        samples = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                samples.append((path.parent / row["image"], str(row["text"])))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise EdgesafeError(f"{path}:{n}: expected {{\"image\": ..., \"text\": ...}}") from None
-    else:
-        raise EdgesafeError(f"data.kind {spec.kind!r} is not supported by this version")
+    samples = FILE_SOURCES[spec.kind](path)
     if spec.exclude_concepts:
         words = _concept_words(recipe)
         samples = [(p, t) for p, t in samples if not any(w in t.lower() for w in words)]
@@ -92,20 +112,14 @@ class Batches:
 
     def __init__(self, recipe: Recipe, *, batch_size: int, resolution: int, seed: int):
         self.recipe, self.batch_size, self.resolution, self.seed = recipe, batch_size, resolution, seed
-        if recipe.data.kind == "zoo":
-            if recipe.data.name != "tiny-shapes":
-                raise EdgesafeError(f"data.name: unknown zoo world {recipe.data.name!r}")
-            self.samples = None
-        else:
-            self.samples = _file_samples(recipe)
+        self.world = _world(recipe) if recipe.data.kind == "zoo" else None
+        self.samples = None if self.world else _file_samples(recipe)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, list[str]]:
         """Images in [-1, 1] (N,3,H,W) and their captions."""
         rng = np.random.default_rng([self.seed, 7, step])
-        if self.samples is None:
-            from ..zoo.tiny_shapes import world
-
-            exclude = tuple(world.UNWANTED) if self.recipe.data.exclude_concepts else ()
+        if self.world:
+            world, exclude = self.world
             images, captions, _ = world.sample_batch(self.batch_size, rng, exclude=exclude)
             return torch.from_numpy(images), captions
         picks = rng.integers(0, len(self.samples), size=self.batch_size)
@@ -125,9 +139,8 @@ def wanted_prompts(recipe: Recipe) -> list[str]:
     covering its whole caption distribution, or ``bench.wanted_prompts`` distinct captions spread through
     the data (captions naming an unwanted concept left out)."""
     if recipe.data.kind == "zoo":
-        from ..zoo.tiny_shapes import world
-
-        return world.coverage_prompts()
+        world = load_world(recipe.data.name or "")
+        return world.coverage_prompts(exclude=world.values_named(_concept_words(recipe)))
     words = _concept_words(recipe)
     captions = sorted({t for _, t in _file_samples(recipe) if not any(w in t.lower() for w in words)})
     return _spread(captions, recipe.bench.wanted_prompts)
@@ -136,9 +149,9 @@ def wanted_prompts(recipe: Recipe) -> list[str]:
 def reference_images(recipe: Recipe, count: int, *, resolution: int, seed: int) -> torch.Tensor:
     """``count`` real images of the data (N,3,H,W in [0, 1]), for Frechet distances against real images."""
     if recipe.data.kind == "zoo":
-        from ..zoo.tiny_shapes import world
-
-        images, _, _ = world.sample_batch(count, np.random.default_rng([seed, 99]), exclude=tuple(world.UNWANTED))
+        world = load_world(recipe.data.name or "")
+        images, _, _ = world.sample_batch(count, np.random.default_rng([seed, 99]),
+                                          exclude=world.values_named(_concept_words(recipe)))
         return torch.from_numpy(images) / 2 + 0.5
     samples = _spread(_file_samples(recipe), count)
     return torch.from_numpy(np.stack([_load_image(p, resolution) for p, _ in samples])) / 2 + 0.5

@@ -27,8 +27,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
-from ..errors import EdgesafeError
+from ..errors import EdgesafeError, first_line
 from ..io import atomic_dir
+from ..models.inputs import seeded_normal
 from .onnx import folder_bytes, image_shape, latent_shape
 
 SWIFT_LATENT_SCALE = 0.18215  # hard-coded in the Swift decoder
@@ -101,7 +102,7 @@ def _example(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape)
     if name == "timestep":
         return torch.full(shape, 500.0)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    return seeded_normal(shape, 0).clamp(-1, 1)
 
 
 def _convert(module: nn.Module, inputs: dict[str, tuple[int, ...]], outputs: list[str]):
@@ -185,7 +186,7 @@ def describe_package(path: Path) -> dict:
     try:
         model = ct.models.MLModel(str(path), skip_model_load=True)
     except Exception as exc:  # coremltools raises plain Exceptions for unreadable packages
-        raise EdgesafeError(f"{path}: not a readable Core ML package ({str(exc).strip().splitlines()[0]})") from None
+        raise EdgesafeError(f"{path}: not a readable Core ML package ({first_line(exc)})") from None
     spec = model.get_spec()
 
     def shapes(features) -> dict[str, list[int]]:

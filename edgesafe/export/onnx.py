@@ -19,8 +19,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
-from ..errors import EdgesafeError
+from ..errors import EdgesafeError, first_line
 from ..io import atomic_dir
+from ..models.inputs import seeded_normal, token_ids
 
 PROTO_LIMIT = 2**31 - 1  # protobuf's hard limit on one serialized message
 EXTERNAL_DATA = "model.onnx_data"
@@ -87,13 +88,11 @@ def image_shape(pipe: StableDiffusionPipeline, batch: int) -> tuple[int, int, in
 
 
 def example_ids(pipe: StableDiffusionPipeline, batch: int) -> torch.Tensor:
-    ids = pipe.tokenizer([""] * batch, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
-    return ids.long()
+    return token_ids(pipe.tokenizer, [""] * batch)
 
 
 def _seeded(shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    return seeded_normal(shape, 0)
 
 
 BATCH = {0: "batch_size"}
@@ -149,25 +148,39 @@ def save_onnx(model: onnx.ModelProto, path: Path, *, external_over: int = PROTO_
         onnx.save_model(model, str(path))
 
 
+def export_module(
+    module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, inputs: dict[str, dict[int, str]],
+    outputs: dict[str, dict[int, str]], *, dynamic: bool = True, opset: int = 17, external_over: int = PROTO_LIMIT,
+) -> Path:
+    """Export ``module`` (TorchScript exporter, fp32) to ``path`` with the given tensor names; with ``dynamic``
+    the axes ``inputs`` and ``outputs`` name are dynamic, else every shape is ``example``'s."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "model.onnx"  # the exporter writes external pieces here for models over 2 GB
+        torch.onnx.export(
+            module.eval(), example, str(raw), input_names=list(inputs), output_names=list(outputs),
+            dynamic_axes={k: v for k, v in {**inputs, **outputs}.items() if v} if dynamic else None,
+            opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+        save_onnx(onnx.load(str(raw)), path, external_over=external_over)  # load pulls external pieces back in
+    return path
+
+
+def unet_module(unet: nn.Module) -> nn.Module:
+    """A UNet as the ONNX export sees it: (sample, timestep, encoder_hidden_states) -> the noise prediction."""
+    return _Unet(unet)
+
+
 def export_component(
     pipe: StableDiffusionPipeline, name: str, folder: Path, *, opset: int = 17, external_over: int = PROTO_LIMIT,
 ) -> Path:
     """Export one component into ``folder/model.onnx`` (+ ``config.json``) and return the model's path."""
     comp = COMPONENTS[name]
-    folder.mkdir(parents=True, exist_ok=True)
-    module = comp.wrap(pipe).eval()
-    with tempfile.TemporaryDirectory(dir=folder) as tmp, warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        raw = Path(tmp) / "model.onnx"  # the exporter writes external pieces here for models over 2 GB
-        torch.onnx.export(
-            module, comp.example(pipe, 2), str(raw), input_names=list(comp.inputs), output_names=list(comp.outputs),
-            dynamic_axes={k: v for k, v in {**comp.inputs, **comp.outputs}.items() if v},
-            opset_version=opset, dynamo=False, do_constant_folding=True,
-        )
-        model = onnx.load(str(raw))  # pulls any external pieces back in
-        save_onnx(model, folder / "model.onnx", external_over=external_over)
+    path = export_module(comp.wrap(pipe), comp.example(pipe, 2), folder / "model.onnx", comp.inputs, comp.outputs,
+                         opset=opset, external_over=external_over)
     comp.config(pipe, folder)
-    return folder / "model.onnx"
+    return path
 
 
 def export_onnx(
@@ -182,8 +195,7 @@ def export_onnx(
             pipe.scheduler.save_pretrained(partial / "scheduler")
             pipe.save_config(partial)  # model_index.json, as optimum's exporter writes it
     except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise EdgesafeError(f"ONNX export failed: {first}") from None
+        raise EdgesafeError(f"ONNX export failed: {first_line(exc)}") from None
     return Path(out)
 
 

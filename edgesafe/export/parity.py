@@ -1,8 +1,8 @@
 """Parity of an exported ONNX folder against the PyTorch pipeline it came from.
 
-Per component: max-abs and relative error of its first output on fixed inputs (real prompts, seeded
-latents). End to end: PSNR of the image generated from the same prompts and initial latents. An
-artefact past the recipe's tolerance for its precision raises :class:`ParityError` with the figures.
+Per component: max-abs and relative error of its first output on fixed inputs (prompts the model is meant
+for, seeded latents). End to end: PSNR of the images generated from the same prompts and initial latents.
+An artefact past the recipe's tolerance for its precision raises :class:`ParityError` with the figures.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
+from ..data import Batches
 from ..errors import EdgesafeError
-from ..recipe import Tolerance
+from ..models.inputs import seeded_normal, token_ids
+from ..recipe import Recipe, Tolerance
 from .onnx import image_shape, latent_shape, onnx_files
 from .runtime import OnnxPipeline
-
-PARITY_PROMPTS = ["a red star on a checkerboard background", "a blue circle with stripes"]
 
 
 class ParityError(EdgesafeError):
@@ -32,23 +32,30 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     return 200.0 if mse == 0 else min(200.0, 10 * math.log10(1.0 / mse))
 
 
-def _seeded(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+def data_captions(recipe: Recipe, count: int) -> list[str]:
+    """``count`` captions of the recipe's data (without the unwanted concepts when the data excludes them)."""
+    return Batches(recipe, batch_size=count, resolution=32, seed=recipe.seed)(0)[1]
+
+
+def parity_prompts(recipe: Recipe) -> list[str]:
+    """The prompts an artefact is judged on: a caption of the recipe's data and, where the recipe has concepts,
+    its first concept prompt (the erased path), else a second caption."""
+    concept = [recipe.concepts[0].prompts[0]] if recipe.concepts else []
+    return (concept + data_captions(recipe, 2))[:2]
 
 
 @torch.no_grad()
-def reference_inputs(pipe: StableDiffusionPipeline) -> dict[str, dict[str, torch.Tensor]]:
+def reference_inputs(pipe: StableDiffusionPipeline, prompts: list[str]) -> dict[str, dict[str, torch.Tensor]]:
     """Fixed inputs of each component: tokenized prompts, their embeddings, seeded latents and images."""
-    ids = pipe.tokenizer(PARITY_PROMPTS, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
+    ids = token_ids(pipe.tokenizer, prompts)
     hidden = pipe.text_encoder(ids)[0]
-    latents = _seeded(latent_shape(pipe, len(ids)), 1)
+    latents = seeded_normal(latent_shape(pipe, len(ids)), 1)
     vae = pipe.vae.config
     return {
         "text_encoder": {"input_ids": ids},
         "unet": {"sample": latents, "timestep": torch.tensor(500.0), "encoder_hidden_states": hidden},
         "vae_decoder": {"latent_sample": latents[:, : vae.latent_channels] / vae.scaling_factor},
-        "vae_encoder": {"sample": _seeded(image_shape(pipe, len(ids)), 2).clamp(-1, 1)},
+        "vae_encoder": {"sample": seeded_normal(image_shape(pipe, len(ids)), 2).clamp(-1, 1)},
     }
 
 
@@ -63,9 +70,10 @@ def _torch_output(pipe: StableDiffusionPipeline, name: str, feeds: dict[str, tor
     return pipe.vae.encode(feeds["sample"]).latent_dist.parameters.numpy()
 
 
-def component_parity(pipe: StableDiffusionPipeline, runner: OnnxPipeline) -> dict[str, dict[str, float]]:
+def component_parity(pipe: StableDiffusionPipeline, runner: OnnxPipeline,
+                     prompts: list[str]) -> dict[str, dict[str, float]]:
     """``{component: {max_abs, rel}}``: rel is max-abs over the reference's largest magnitude."""
-    inputs = reference_inputs(pipe)
+    inputs = reference_inputs(pipe, prompts)
     figures = {}
     for name in runner.sessions:
         ref = _torch_output(pipe, name, inputs[name])
@@ -76,21 +84,23 @@ def component_parity(pipe: StableDiffusionPipeline, runner: OnnxPipeline) -> dic
 
 
 def generate_pair(
-    pipe: StableDiffusionPipeline, runner: OnnxPipeline, *, steps: int = 20, guidance: float = 5.0, seed: int = 0,
+    pipe: StableDiffusionPipeline, runner: OnnxPipeline, prompts: list[str], *, steps: int = 20,
+    guidance: float = 5.0, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(PyTorch images, ONNX images) for :data:`PARITY_PROMPTS` from the same seeded initial latents."""
-    latents = _seeded(latent_shape(pipe, len(PARITY_PROMPTS)), seed)
-    ref = pipe(PARITY_PROMPTS, latents=latents.clone(), num_inference_steps=steps, guidance_scale=guidance,
+    """(PyTorch images, ONNX images) for ``prompts`` from the same seeded initial latents."""
+    latents = seeded_normal(latent_shape(pipe, len(prompts)), seed)
+    ref = pipe(prompts, latents=latents.clone(), num_inference_steps=steps, guidance_scale=guidance,
                output_type="np").images
-    got = runner(PARITY_PROMPTS, latents=latents.numpy(), num_inference_steps=steps, guidance_scale=guidance)
+    got = runner(prompts, latents=latents.numpy(), num_inference_steps=steps, guidance_scale=guidance)
     return ref, got
 
 
-def onnx_parity(pipe: StableDiffusionPipeline, folder: Path, *, steps: int = 20, guidance: float = 5.0) -> dict:
-    """Component errors and end-to-end image PSNR of an exported folder against ``pipe``."""
+def onnx_parity(pipe: StableDiffusionPipeline, folder: Path, prompts: list[str], *, steps: int = 20,
+                guidance: float = 5.0) -> dict:
+    """Component errors and end-to-end image PSNR on ``prompts`` of an exported folder against ``pipe``."""
     runner = OnnxPipeline(folder)
-    ref, got = generate_pair(pipe, runner, steps=steps, guidance=guidance)
-    return {"components": component_parity(pipe, runner), "image_psnr_db": psnr_db(ref, got),
+    ref, got = generate_pair(pipe, runner, prompts, steps=steps, guidance=guidance)
+    return {"components": component_parity(pipe, runner, prompts), "image_psnr_db": psnr_db(ref, got),
             "files": sorted(onnx_files(folder))}
 
 

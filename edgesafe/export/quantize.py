@@ -26,6 +26,7 @@ from diffusers import StableDiffusionPipeline
 from onnx import helper, numpy_helper
 
 from ..io import atomic_dir
+from ..models.inputs import seeded_normal
 from .onnx import latent_shape, onnx_files, save_onnx
 
 Calibration = list[dict[str, np.ndarray]]
@@ -48,7 +49,7 @@ def unet_calibration(
     handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
     try:
         for i, caption in enumerate(captions):
-            latents = torch.randn(latent_shape(pipe, 1), generator=torch.Generator().manual_seed(seed + i))
+            latents = seeded_normal(latent_shape(pipe, 1), seed + i)
             pipe(caption, latents=latents, num_inference_steps=steps, guidance_scale=guidance, output_type="latent")
     finally:
         handle.remove()

@@ -17,7 +17,8 @@ import onnxruntime as ort
 import torch
 from transformers import CLIPTokenizer
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
+from ..models.inputs import token_ids
 from .onnx import onnx_files
 
 
@@ -28,8 +29,7 @@ def session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelLoadError(f"{path}: onnxruntime cannot load it ({first})") from None
+        raise ModelLoadError(f"{path}: onnxruntime cannot load it ({first_line(exc)})") from None
 
 
 class OnnxPipeline:
@@ -61,9 +61,7 @@ class OnnxPipeline:
         return sess.run(None, cast)
 
     def encode_prompt(self, prompts: list[str]) -> np.ndarray:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="np").input_ids
-        return self.run("text_encoder", input_ids=ids)[0]
+        return self.run("text_encoder", input_ids=token_ids(self.tokenizer, prompts).numpy())[0]
 
     def __call__(
         self, prompts: list[str], *, latents: np.ndarray, num_inference_steps: int = 20, guidance_scale: float = 5.0,

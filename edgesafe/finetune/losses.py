@@ -12,9 +12,12 @@ from contextlib import contextmanager
 
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
 from torch import nn
 
-from ..prune.width import KEPT_ATTR, block_output_layers
+from ..models.architectures import block_output_layers
+from ..models.inputs import token_ids
+from ..models.structure import KeptChannels
 from ..recipe import LowerLevel
 
 
@@ -28,9 +31,7 @@ class DenoisingTask:
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
+        ids = token_ids(self.pipe.tokenizer, captions)
         return self.pipe.text_encoder(ids.to(self.pipe.text_encoder.device))[0]
 
     @torch.no_grad()
@@ -52,8 +53,7 @@ class DenoisingTask:
         """Min-SNR-gamma weights (Hang et al., 2023) per sample; ones when ``gamma`` is None."""
         if gamma is None:
             return torch.ones(len(t), device=t.device)
-        alphas = self.scheduler.alphas_cumprod[t.cpu()]
-        snr = alphas / (1 - alphas)
+        snr = compute_snr(self.scheduler, t.cpu())
         clipped = torch.clamp(snr, max=gamma)
         weights = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
         return weights.to(t.device)
@@ -86,11 +86,13 @@ def block_features(unet: UNet2DConditionModel) -> Iterator[dict[str, torch.Tenso
 class FeatureAligner(nn.Module):
     """Maps student block outputs onto the teacher's channels.
 
-    ``kept``: the teacher's features are reduced to the channels pruning kept (no parameters);
+    ``kept``: the teacher's features are reduced to the channels pruning kept (``kept_channels``, from the
+    student's structure spec; a block it does not name kept all of them); no parameters.
     ``projection``: a learned 1x1 convolution per block lifts the student to the teacher's width.
     """
 
-    def __init__(self, student: UNet2DConditionModel, teacher: UNet2DConditionModel, mode: str):
+    def __init__(self, student: UNet2DConditionModel, teacher: UNet2DConditionModel, mode: str,
+                 kept_channels: KeptChannels | None = None):
         super().__init__()
         self.mode = mode
         s_layers, t_layers = block_output_layers(student), block_output_layers(teacher)
@@ -98,7 +100,7 @@ class FeatureAligner(nn.Module):
         widths = {p: (student.get_submodule(s_layers[p]).out_channels, teacher.get_submodule(t_layers[p]).out_channels)
                   for p in self.points}
         if mode == "kept":
-            kept = getattr(student, KEPT_ATTR, {})
+            kept = kept_channels or {}
             self.kept = {p: torch.tensor(kept.get(p, range(widths[p][1])), dtype=torch.long) for p in self.points}
             bad = [p for p in self.points if len(self.kept[p]) != widths[p][0]]
             if bad:

@@ -20,7 +20,8 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from ..errors import EdgesafeError
-from ..models.stats import meta_copy, param_bytes, peak_rss_gib, unet_example_inputs
+from ..models.inputs import unet_example_inputs
+from ..models.stats import meta_copy, param_bytes, peak_rss_gib
 
 GIB = 2**30
 

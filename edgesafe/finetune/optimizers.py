@@ -27,6 +27,8 @@ def _adamw_8bit(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.
 
 @dataclass(frozen=True)
 class OptimizerKind:
+    """A registered optimizer: how to build it over parameters at a learning rate, and its state's size."""
+
     build: Callable[[Iterable[torch.nn.Parameter], float], torch.optim.Optimizer]
     state_bytes: int
     """Bytes of optimizer state per parameter."""

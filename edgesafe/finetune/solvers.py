@@ -45,14 +45,19 @@ SHARED_SETTINGS = ("solver", "steps", "batch_size", "lr", "lr_schedule", "lr_war
 """``finetune`` settings every solver reads (``upper_latents`` only where there are concepts)."""
 
 
+LR_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda progress: 1.0,
+    "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),  # half a cosine, to zero at the end
+}
+"""``finetune.lr_schedule``: the learning rates' multiplier as a function of the progress after warmup, 0 to 1."""
+
+
 def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     """The learning rates' multiplier at ``step`` of ``total``: linear warmup over ``warmup`` steps, then
-    ``constant`` or ``cosine`` (half a cosine down to zero at the last step)."""
+    ``schedule`` from :data:`LR_SCHEDULES`."""
     if step < warmup:
         return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return LR_SCHEDULES[schedule]((step - warmup) / max(1, total - warmup))
 
 
 def no_sync(_opt: torch.optim.Optimizer) -> None:
@@ -95,7 +100,14 @@ class Setup:
 
 
 class Solver:
-    """State and update rule of one solver; ``step`` returns the figures logged for the curves."""
+    """State and update rule of one solver; ``step`` returns the figures logged for the curves.
+
+    A new solver is a subclass registered in :data:`SOLVERS`. It declares the ``finetune`` settings it reads
+    (:attr:`reads`, which make the fine-tune stage's key), whether it needs concepts, and the copies of the
+    student it keeps (:meth:`copies`, for the memory estimate); it overrides :meth:`update` (and
+    :meth:`build` / :meth:`state` where it keeps more state) and receives the step's losses as
+    :class:`StepLosses`, computed only when it asks for them.
+    """
 
     reads: ClassVar[tuple[str, ...]] = ()
     """``finetune`` settings this solver reads beyond ``SHARED_SETTINGS``."""

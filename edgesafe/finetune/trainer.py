@@ -2,20 +2,16 @@
 each rank draws its own batches and gradients are averaged before every optimizer step).
 
 Every batch is drawn from generators seeded by (seed, step), so a run resumed from a checkpoint
-sees the data an uninterrupted run would. A checkpoint is one safetensors file (student, phi,
-feature projections, optimizer states, RNG state) with its step, solver, model fingerprint and the
-loss curves in the header; it is written beside the previous one and only then named in
-``latest.json``, so the last good checkpoint is never overwritten. SIGINT and SIGTERM end the run
-after the current step with a checkpoint.
+sees the data an uninterrupted run would. Checkpoints (:mod:`edgesafe.training`) hold the student, phi,
+feature projections, optimizer states and RNG state, with the solver, model fingerprint and loss curves
+in the header. SIGINT and SIGTERM end the run after the current step with a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import signal
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +23,10 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from ..data import Batches, training_resolution
 from ..errors import CheckpointError, EdgesafeError
-from ..io import load_metadata, load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, write_json
+from ..models.structure import KeptChannels
 from ..recipe import Concept, Recipe
 from ..runs import digest
+from ..training import Checkpoints, run_steps
 from .losses import DenoisingTask, FeatureAligner, LowerObjective
 from .memory import check_fits
 from .memory import estimate as estimate_memory
@@ -39,13 +36,6 @@ from .unlearn import parameter_subset, unlearning_loss, unlearning_target
 from .upper import UPPER_LATENTS
 
 CONCEPT_BATCH = 8
-KEEP_CHECKPOINTS = 2
-
-
-class Interrupted(EdgesafeError):
-    """The run was stopped by a signal after writing a checkpoint."""
-
-    exit_code = 130
 
 
 def stage_settings(recipe: Recipe) -> dict[str, Any]:
@@ -54,7 +44,7 @@ def stage_settings(recipe: Recipe) -> dict[str, Any]:
     ft = recipe.finetune
     settings = {k: v for k, v in ft.model_dump().items() if k in SHARED_SETTINGS + SOLVERS[ft.solver].reads}
     if recipe.concepts and ft.upper_latents != "lower-batch":
-        settings["sampling"] = {"steps": recipe.bench.steps, "guidance_scale": recipe.bench.guidance_scale}
+        settings["sampling"] = recipe.sampling.model_dump()
     return settings
 
 
@@ -71,32 +61,29 @@ class TrainResult:
     seconds_per_step: float
 
 
-@contextmanager
-def _stop_on_signals() -> Any:
-    flag = {"signal": None}
-    previous = {}
-
-    def handler(signum, _frame):
-        flag["signal"] = signum
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, handler)
-    try:
-        yield flag
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
-
-
 class Trainer:
-    """Builds the objectives, optimizers and solver of a recipe and runs them, resumably."""
+    """Builds the objectives, optimizers and solver of a recipe and runs them, resumably.
+
+    Args:
+        teacher: the teacher pipeline (frozen; its text encoder and VAE serve the student too).
+        student: the pruned UNet to fine-tune (trained in place).
+        recipe: ``finetune`` (solver and settings), ``concepts``, ``data`` and ``seed``.
+        folder: where checkpoints (``checkpoints/``) and cached concept latents go.
+        kept_channels: the teacher channels each student block output kept (``read_structure`` of the pruned
+            UNet's folder), for ``feature_align: kept``.
+        accelerator: an HF Accelerate ``Accelerator`` (default: one process, on the GPU if there is one).
+
+    Raises:
+        EdgesafeError: the run cannot fit the device's memory (with the estimate), or fp16 without a GPU.
+    """
 
     def __init__(self, teacher: StableDiffusionPipeline, student: UNet2DConditionModel, recipe: Recipe,
-                 folder: Path, *, accelerator: Accelerator | None = None):
+                 folder: Path, *, kept_channels: KeptChannels | None = None, accelerator: Accelerator | None = None):
         ft = recipe.finetune
         kind = SOLVERS[ft.solver]
         self.recipe, self.folder = recipe, Path(folder)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.checkpoints = Checkpoints(self.folder / "checkpoints", writer=self.accelerator.is_main_process)
         device = self.device = self.accelerator.device
         if ft.mixed_precision == "fp16" and device.type != "cuda":
             raise EdgesafeError(f"finetune.mixed_precision fp16 needs a CUDA GPU (this run is on {device.type}); "
@@ -122,8 +109,8 @@ class Trainer:
         self.student = student.to(device).train()
         if ft.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        aligner = FeatureAligner(student, self.teacher, ft.lower.feature_align).to(device) if ft.lower.feature_kd \
-            else None
+        aligner = (FeatureAligner(student, self.teacher, ft.lower.feature_align, kept_channels).to(device)
+                   if ft.lower.feature_kd else None)
         self.aligner = aligner
         self.objective = LowerObjective(self.teacher, self.task, ft.lower, aligner)
         self.solver: Solver = kind(Setup(
@@ -179,55 +166,35 @@ class Trainer:
         return mods
 
     def save_checkpoint(self, step: int, curves: list[dict[str, float]]) -> Path:
-        ckpt_dir = self.folder / "checkpoints"
-        tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
-        meta: dict[str, Any] = {"step": step, "solver": self.recipe.finetune.solver, "fingerprint": self.fingerprint,
-                                "solver_state": self.solver.state()}
-        for name, module in self._modules().items():
-            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
-        for name, opt in self.solver.optimizers().items():
-            t, m = optimizer_to_tensors(opt, prefix=name)
-            tensors.update(t)
-            meta[name] = m
+        state = {"solver": self.recipe.finetune.solver, "fingerprint": self.fingerprint,
+                 "solver_state": self.solver.state()}
         if self.solver.scaler.is_enabled():
-            meta["grad_scaler"] = self.solver.scaler.state_dict()
-        path = ckpt_dir / f"step-{step:07d}.safetensors"
-        if self.accelerator.is_main_process:
-            save_tensors(path, tensors, metadata={"state": json.dumps(meta), "curves": json.dumps(curves)})
-            write_json(ckpt_dir / "latest.json", {"file": path.name, "step": step})
-            for old in sorted(ckpt_dir.glob("step-*.safetensors"))[:-KEEP_CHECKPOINTS]:
-                old.unlink()
+            state["grad_scaler"] = self.solver.scaler.state_dict()
+        path = self.checkpoints.save(step, self._modules(), self.solver.optimizers(),
+                                     tensors={"rng.torch": torch.get_rng_state()}, state=state,
+                                     header={"curves": json.dumps(curves)})
         self.accelerator.wait_for_everyone()
         return path
 
     def load_checkpoint(self) -> tuple[int, list[dict[str, float]]]:
         """Restore the latest checkpoint; (0, []) when there is none."""
-        pointer = self.folder / "checkpoints" / "latest.json"
-        if not pointer.is_file():
+        found = self.checkpoints.load()
+        if found is None:
             return 0, []
-        try:
-            path = pointer.parent / json.loads(pointer.read_text())["file"]
-        except (json.JSONDecodeError, KeyError):
-            raise CheckpointError(f"{pointer}: unreadable checkpoint pointer") from None
-        tensors, header = load_tensors(path), load_metadata(path)
-        try:
-            meta, curves = json.loads(header["state"]), json.loads(header["curves"])
-        except (KeyError, json.JSONDecodeError):
-            raise CheckpointError(f"{path}: not an edgesafe fine-tuning checkpoint") from None
-        if meta.get("fingerprint") != self.fingerprint:
+        path, tensors, state, header = found
+        if "curves" not in header or "fingerprint" not in state:
+            raise CheckpointError(f"{path}: not an edgesafe fine-tuning checkpoint")
+        if state["fingerprint"] != self.fingerprint:
             raise CheckpointError(f"{path}: checkpoint is from another model (its layers do not match the student)")
-        if meta.get("solver") != self.recipe.finetune.solver:
-            raise CheckpointError(f"{path}: checkpoint is from solver {meta.get('solver')!r}, "
+        if state.get("solver") != self.recipe.finetune.solver:
+            raise CheckpointError(f"{path}: checkpoint is from solver {state.get('solver')!r}, "
                                   f"not {self.recipe.finetune.solver!r}")
-        for name, module in self._modules().items():
-            module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-        for name, opt in self.solver.optimizers().items():
-            optimizer_from_tensors(opt, tensors, meta[name], prefix=name)
-        self.solver.load_state(meta.get("solver_state", {}))
-        if "grad_scaler" in meta:
-            self.solver.scaler.load_state_dict(meta["grad_scaler"])
+        step = Checkpoints.restore(tensors, state, self._modules(), self.solver.optimizers())
+        self.solver.load_state(state.get("solver_state", {}))
+        if "grad_scaler" in state:
+            self.solver.scaler.load_state_dict(state["grad_scaler"])
         torch.set_rng_state(tensors["rng.torch"])
-        return int(meta["step"]), curves
+        return step, json.loads(header["curves"])
 
     # --- the loop ------------------------------------------------------------------------------
     def _losses(self, step: int, record: dict[str, float]) -> StepLosses:
@@ -281,23 +248,30 @@ class Trainer:
 
     def run(self, *, resume: bool, checkpoint_every: int,
             progress: Callable[[int, int], None] | None = None) -> TrainResult:
+        """Run the solver's steps, from the last checkpoint when ``resume``.
+
+        Args:
+            resume: continue from ``folder/checkpoints`` (a fresh start when there is none).
+            checkpoint_every: steps between checkpoints (one is always written at the end).
+            progress: called with (steps done, steps in all).
+
+        Returns:
+            The student, the loss curves, the steps run, the step resumed from and seconds per step.
+
+        Raises:
+            CheckpointError: a checkpoint of another model, solver or recipe, or a corrupt one.
+            Interrupted: SIGINT / SIGTERM, after a checkpoint of the current step.
+        """
         start, curves = self.load_checkpoint() if resume else (0, [])
         total = self.solver.total_steps()
-        t0, done = time.perf_counter(), 0
-        with _stop_on_signals() as stop:
-            for step in range(start, total):
-                record: dict[str, float] = {}
-                figures = self.solver.step(step, self._losses(step, record))
-                curves.append({"step": step + 1, **figures, **record})
-                done += 1
-                if progress:
-                    progress(step + 1, total)
-                if stop["signal"] is not None:
-                    self.save_checkpoint(step + 1, curves)
-                    raise Interrupted(f"stopped by signal {stop['signal']} at step {step + 1}; checkpoint written, "
-                                      "rerun with --resume to continue")
-                if (step + 1) % checkpoint_every == 0 and step + 1 < total:
-                    self.save_checkpoint(step + 1, curves)
-        self.save_checkpoint(total, curves)
+
+        def step(i: int) -> None:
+            record: dict[str, float] = {}
+            figures = self.solver.step(i, self._losses(i, record))
+            curves.append({"step": i + 1, **figures, **record})
+
+        t0 = time.perf_counter()
+        done = run_steps(start, total, step, lambda i: self.save_checkpoint(i, curves), every=checkpoint_every,
+                         progress=progress)
         seconds = (time.perf_counter() - t0) / max(1, done)
         return TrainResult(self.student.eval(), curves, total, start, seconds)

@@ -63,13 +63,14 @@ def unlearning_loss(model: UNet2DConditionModel, target: torch.Tensor, x: torch.
     return nn.functional.mse_loss(_predict(model, x, t, encode(prompts)), target)
 
 
+PARAMETER_SUBSETS: dict[str, Callable[[str], bool]] = {
+    "xattn": lambda name: ".attn2." in name,  # the cross-attention layers (ESD-x)
+    "noxattn": lambda name: ".attn2." not in name,  # everything else (ESD-u)
+    "full": lambda name: True,
+}
+"""A concept's ``params``: which of the UNet's parameters (by name) its unlearning may update."""
+
+
 def parameter_subset(unet: UNet2DConditionModel, which: str) -> list[str]:
-    """Names of the parameters the upper level may update: ``xattn``, ``noxattn`` or ``full``."""
-    names = [n for n, _ in unet.named_parameters()]
-    if which == "full":
-        return names
-    if which == "xattn":
-        return [n for n in names if ".attn2." in n]
-    if which == "noxattn":
-        return [n for n in names if ".attn2." not in n]
-    raise ValueError(f"unknown parameter subset {which!r}")
+    """Names of the parameters in the subset ``which`` of :data:`PARAMETER_SUBSETS`."""
+    return [n for n, _ in unet.named_parameters() if PARAMETER_SUBSETS[which](n)]

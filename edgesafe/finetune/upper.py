@@ -7,7 +7,7 @@ concept), so a resumed run sees what an uninterrupted one would:
 - ``concept-images``: latents of the concept's prompts generated once by the teacher (cached in the
   fine-tune folder), forward-noised at a random timestep each step, as the paper's released code does;
 - ``model-samples``: ESD's own: x_t sampled by the model being erased, from noise under a concept prompt
-  to a random step of the sampler (``bench.steps`` DDIM steps at ``bench.guidance_scale``).
+  to a random step of the sampler (``sampling.steps`` DDIM steps at ``sampling.guidance_scale``).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class ConceptImages(Source):
         self.latents = self._cached()
 
     def _key(self) -> str:
-        b = self.recipe.bench
+        b = self.recipe.sampling
         return json.dumps({c.name: c.prompts for c in self.recipe.concepts} | {
             "steps": b.steps, "guidance_scale": b.guidance_scale, "size": self.latent_size, "seed": self.recipe.seed})
 
@@ -95,7 +95,7 @@ class ConceptImages(Source):
                         for c in self.recipe.concepts}
         pipe: StableDiffusionPipeline = self.task.pipe
         pipe.set_progress_bar_config(disable=True)
-        b, result, tensors = self.recipe.bench, {}, {}
+        b, result, tensors = self.recipe.sampling, {}, {}
         for index, concept in enumerate(self.recipe.concepts):
             which = [i % len(concept.prompts) for i in range(CONCEPT_IMAGES)]
             gen = _generator(np.random.default_rng([self.recipe.seed, 19, index]))
@@ -127,7 +127,7 @@ class ConceptImages(Source):
 class ModelSamples(Source):
     @torch.no_grad()
     def draw(self, concept, rng, prompts, lower):
-        b, unet = self.recipe.bench, self.student
+        b, unet = self.recipe.sampling, self.student
         scheduler = DDIMScheduler.from_config(self.task.scheduler.config)
         scheduler.set_timesteps(b.steps)
         stop = int(rng.integers(0, b.steps))  # denoising steps taken before the upper step's x_t

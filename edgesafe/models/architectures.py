@@ -72,3 +72,21 @@ def build_unet(name: str, *, device: str = "cpu") -> UNet2DConditionModel:
         with torch.device("meta"):
             return UNet2DConditionModel(**UNET_CONFIGS[name])
     return UNet2DConditionModel(**UNET_CONFIGS[name])
+
+
+def block_output_layers(unet: UNet2DConditionModel) -> dict[str, str]:
+    """For each block (``down_blocks.i``, ``mid_block``, ``up_blocks.i``), the convolution whose output
+    channels are the block's output channels (its resampler, else its last ResNet's ``conv2``)."""
+    blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    if unet.mid_block is not None:
+        blocks.append(("mid_block", unet.mid_block))
+    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    layers = {}
+    for name, block in blocks:
+        if getattr(block, "downsamplers", None):
+            layers[name] = f"{name}.downsamplers.0.conv"
+        elif getattr(block, "upsamplers", None):
+            layers[name] = f"{name}.upsamplers.0.conv"
+        else:
+            layers[name] = f"{name}.resnets.{len(block.resnets) - 1}.conv2"
+    return layers

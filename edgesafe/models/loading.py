@@ -10,9 +10,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError
 
-from ..errors import ModelLoadError
-from ..prune.structure import SPEC_NAME, load_unet
+from ..errors import ModelLoadError, first_line
 from ..zoo import zoo_path
+from .structure import SPEC_NAME, load_unet
 
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 
@@ -47,7 +47,19 @@ def _check_pipeline_folder(path: Path) -> None:
 
 
 def load_pipeline(source: str | Path, *, torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion pipeline from ``zoo:NAME`` or a local folder, offline, safetensors only."""
+    """Load a Stable Diffusion pipeline, offline, safetensors only (pruned students included).
+
+    Args:
+        source: ``zoo:NAME`` (a model shipped in the package) or a local diffusers pipeline folder.
+        torch_dtype: the dtype of every component.
+
+    Returns:
+        A ``StableDiffusionPipeline`` without a safety checker, its progress bars off.
+
+    Raises:
+        ModelLoadError: a missing or unbuilt source, a folder that is not a pipeline, a component without
+            safetensors weights, or weights that do not load (the first line of the loader's error).
+    """
     diffusers_logging.disable_progress_bar()
     path = resolve_source(source)
     _check_pipeline_folder(path)
@@ -60,8 +72,7 @@ def load_pipeline(source: str | Path, *, torch_dtype: torch.dtype = torch.float3
             safety_checker=None, requires_safety_checker=False, **extra,
         )
     except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{path}: cannot load pipeline ({first})") from None
+        raise ModelLoadError(f"{path}: cannot load pipeline ({first_line(exc)})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -74,5 +85,4 @@ def load_evaluator(source: str | Path):
     try:
         return ShapesEvaluator.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
     except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{path}: cannot load evaluator ({first})") from None
+        raise ModelLoadError(f"{path}: cannot load evaluator ({first_line(exc)})") from None

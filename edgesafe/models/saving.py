@@ -19,7 +19,7 @@ from typing import Any
 from diffusers import UNet2DConditionModel
 
 from ..io import write_json
-from ..prune.structure import PrunedUNet2DConditionModel, is_reshaped, save_unet
+from .structure import KeptChannels, PrunedUNet2DConditionModel, is_reshaped, save_unet
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -29,8 +29,10 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def save_student(unet: UNet2DConditionModel, source: Path, folder: Path) -> dict[str, Any]:
-    """Write ``folder`` as ``source``'s pipeline with ``unet`` as its UNet; returns the UNet's structure spec."""
+def save_student(unet: UNet2DConditionModel, source: Path, folder: Path, *,
+                 kept_channels: KeptChannels | None = None) -> dict[str, Any]:
+    """Write ``folder`` as ``source``'s pipeline with ``unet`` as its UNet (and the teacher channels it kept, for
+    its structure spec); returns the UNet's structure spec."""
     source, folder = Path(source), Path(folder)
     index = json.loads((source / "model_index.json").read_text())
     folder.mkdir(parents=True, exist_ok=True)
@@ -40,7 +42,7 @@ def save_student(unet: UNet2DConditionModel, source: Path, folder: Path) -> dict
         shutil.rmtree(folder / name, ignore_errors=True)
         shutil.copytree(source / name, folder / name, copy_function=_link_or_copy)
     shutil.rmtree(folder / "unet", ignore_errors=True)
-    spec = save_unet(unet, folder / "unet")
+    spec = save_unet(unet, folder / "unet", kept_channels=kept_channels)
     index["unet"] = (["diffusers", "UNet2DConditionModel"] if not is_reshaped(spec)
                      else [PrunedUNet2DConditionModel.__module__, PrunedUNet2DConditionModel.__name__])
     write_json(folder / "model_index.json", index)

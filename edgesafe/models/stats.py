@@ -10,6 +10,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .inputs import unet_example_inputs
+
 M = TypeVar("M", bound=torch.nn.Module)
 
 
@@ -19,20 +21,6 @@ def count_params(module: torch.nn.Module) -> int:
 
 def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def unet_example_inputs(
-    unet: UNet2DConditionModel, *, batch: int = 1, text_length: int | None = None, sample_size: int | None = None,
-    device: str | torch.device = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sample, timestep, encoder_hidden_states), seeded, of the UNet's configured size unless ``sample_size``."""
-    cfg = unet.config
-    size = sample_size or (cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0])
-    length = text_length or 77
-    gen = torch.Generator().manual_seed(0)
-    sample = torch.randn(batch, cfg.in_channels, size, size, generator=gen).to(device)
-    hidden = torch.randn(batch, length, cfg.cross_attention_dim, generator=gen).to(device)
-    return sample, torch.full((batch,), 500, dtype=torch.long, device=device), hidden
 
 
 def meta_copy(module: M) -> M:

@@ -1,12 +1,11 @@
-"""Structured pruning of the UNet: width (torch-pruning), block removal (BK-SDM), budget search,
-and pickle-free persistence of the result."""
+"""Structured pruning of the UNet: width (torch-pruning), block removal (BK-SDM) and budget search. A pruned
+UNet is saved and loaded by ``models.structure``."""
 
 from .blocks import remove_blocks
 from .budget import BudgetResult, prune_to_budget
-from .structure import load_unet, save_unet
-from .width import IMPORTANCE, accumulate_taylor_gradients, prune_width
+from .width import IMPORTANCE, Pruned, accumulate_taylor_gradients, prune_width
 
 __all__ = [
-    "IMPORTANCE", "BudgetResult", "accumulate_taylor_gradients", "load_unet", "prune_to_budget", "prune_width",
-    "remove_blocks", "save_unet",
+    "IMPORTANCE", "BudgetResult", "Pruned", "accumulate_taylor_gradients", "prune_to_budget", "prune_width",
+    "remove_blocks",
 ]

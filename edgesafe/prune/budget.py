@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from ..errors import BudgetError
-from ..models.stats import meta_copy, unet_example_inputs
+from ..models.inputs import unet_example_inputs
+from ..models.stats import meta_copy
+from ..models.structure import KeptChannels
 from ..recipe import Budget
 from .blocks import remove_blocks
 from .width import prune_width, score_channels
@@ -42,6 +44,8 @@ class BudgetResult:
     teacher_value: float
     trials: list[tuple[float, float]]
     """(ratio, value) of every pruning tried, in order."""
+    kept_channels: KeptChannels = field(default_factory=dict)
+    """The teacher channels each block output of ``unet`` kept (empty: all of them)."""
 
     @property
     def relative_error(self) -> float:
@@ -68,13 +72,31 @@ def prune_to_budget(
     progress: Callable[[int, int], None] | None = None,
 ) -> BudgetResult:
     """Prune ``unet`` until ``measure`` is within ``budget.tolerance`` of the target, by bisection on
-    the channel ratio (after BK-SDM block removal when the method asks for it). ``calibrate``
-    fills the gradients Taylor importance reads (see :func:`accumulate_taylor_gradients`).
+    the channel ratio (after BK-SDM block removal when the method asks for it).
 
     Memory stays near one UNet: channels are scored once, the trials prune weightless copies on the
     ``meta`` device (``measure`` gets those; it materialises one if it must run it), and the chosen
-    ratio is applied to ``unet`` itself, which is consumed. An unreachable target raises
-    :class:`BudgetError` naming the smallest reachable figure.
+    ratio is applied to ``unet`` itself, which is consumed.
+
+    Args:
+        unet: the teacher's UNet (consumed: pruned in place).
+        budget: the recipe's budget (metric, ratio or ms per step, tolerance).
+        measure: the budget's figure of a UNet (``pipeline.budget_measure``); called on meta-device copies.
+        method: ``width``, ``blocks`` or ``width+blocks``.
+        blocks: the BK-SDM variant (``prune.blocks.VARIANTS``) for the block methods.
+        importance: a name of ``prune.width.IMPORTANCE``.
+        round_to: keep a multiple of this many channels per group.
+        seed: seeds ``random`` importance.
+        calibrate: fills the gradients Taylor importance reads (see :func:`accumulate_taylor_gradients`).
+        progress: called with (trials so far, most trials).
+
+    Returns:
+        The pruned UNet with the ratio chosen, its figure against the target, every trial, and the teacher
+        channels each block output kept.
+
+    Raises:
+        BudgetError: the target is unreachable (naming the smallest reachable figure) or no ratio lands within
+            the tolerance.
     """
     teacher_value = measure(unet)
     target = target_value(budget, teacher_value)
@@ -97,15 +119,15 @@ def prune_to_budget(
     meta_inputs = trace_inputs(shape)
 
     def attempt(ratio: float) -> float:
-        value = measure(prune_width(shape, ratio, meta_inputs, scores=scores, round_to=round_to))
+        value = measure(prune_width(shape, ratio, meta_inputs, scores=scores, round_to=round_to).unet)
         trials.append((ratio, value))
         if progress:
             progress(len(trials), MAX_TRIALS)
         return value
 
     def result(ratio: float, value: float) -> BudgetResult:
-        student = prune_width(base, ratio, trace_inputs(base), scores=scores, round_to=round_to, inplace=True)
-        return BudgetResult(student, ratio, value, target, teacher_value, trials)
+        pruned = prune_width(base, ratio, trace_inputs(base), scores=scores, round_to=round_to, inplace=True)
+        return BudgetResult(pruned.unet, ratio, value, target, teacher_value, trials, pruned.kept_channels)
 
     value = attempt(0.0)
     if value <= target * (1 + budget.tolerance):

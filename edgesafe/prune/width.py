@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
@@ -32,6 +33,8 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from ..errors import BudgetError
+from ..models.architectures import block_output_layers
+from ..models.structure import KeptChannels
 
 IMPORTANCE: dict[str, Callable[[], tp.importance.Importance]] = {
     "magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),
@@ -41,26 +44,13 @@ IMPORTANCE: dict[str, Callable[[], tp.importance.Importance]] = {
 
 LossFn = Callable[[UNet2DConditionModel], torch.Tensor]
 
-KEPT_ATTR = "edgesafe_kept_channels"
-"""Attribute of a width-pruned UNet: for each block output, the teacher's channels it kept."""
+@dataclass(frozen=True)
+class Pruned:
+    """A width-pruned UNet and the teacher channels each of its block outputs kept (what feature distillation
+    with ``feature_align: kept`` compares; saved in the structure spec)."""
 
-
-def block_output_layers(unet: UNet2DConditionModel) -> dict[str, str]:
-    """For each block (``down_blocks.i``, ``mid_block``, ``up_blocks.i``), the convolution whose output
-    channels are the block's output channels (its resampler, else its last ResNet's ``conv2``)."""
-    blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
-    if unet.mid_block is not None:
-        blocks.append(("mid_block", unet.mid_block))
-    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
-    layers = {}
-    for name, block in blocks:
-        if getattr(block, "downsamplers", None):
-            layers[name] = f"{name}.downsamplers.0.conv"
-        elif getattr(block, "upsamplers", None):
-            layers[name] = f"{name}.upsamplers.0.conv"
-        else:
-            layers[name] = f"{name}.resnets.{len(block.resnets) - 1}.conv2"
-    return layers
+    unet: UNet2DConditionModel
+    kept_channels: KeptChannels
 
 
 def _rounded_ratio(n: int, ratio: float, multiple: int) -> float:
@@ -153,11 +143,26 @@ def prune_width(
     seed: int = 0,
     round_to: int = 1,
     inplace: bool = False,
-) -> UNet2DConditionModel:
-    """``unet`` (or a copy) with ``ratio`` of its channels and heads removed from every prunable group, the
-    least important by ``scores`` (by default :func:`score_channels` with ``importance`` and ``seed``).
-    With ``scores`` given it works on the ``meta`` device too, where a budget search measures sizes
-    without allocating weights; ``example_inputs`` may be small (they only trace the graph).
+    kept_channels: KeptChannels | None = None,
+) -> Pruned:
+    """Remove ``ratio`` of the channels and heads of every prunable group of ``unet``.
+
+    Args:
+        unet: the UNet to prune; a copy is pruned unless ``inplace``.
+        ratio: fraction of each group's channels (and attention heads) to remove, in [0, 1).
+        example_inputs: inputs that trace the graph; they may be small (see ``budget.trace_inputs``).
+        scores: channel importance from :func:`score_channels`; by default scored here with ``importance``
+            (a name of :data:`IMPORTANCE`) and ``seed``. With scores given, ``unet`` may be on the ``meta``
+            device, where a budget search measures sizes without allocating weights.
+        round_to: keep a multiple of this many channels per group (the device's preferred width).
+        inplace: prune ``unet`` itself.
+        kept_channels: the teacher channels ``unet`` already kept, when it is itself pruned.
+
+    Returns:
+        The pruned UNet and the teacher channels each block output kept.
+
+    Raises:
+        BudgetError: a ratio outside [0, 1), an unknown importance, or scores of another UNet.
     """
     if not 0 <= ratio < 1:
         raise BudgetError(f"channel pruning ratio must be in [0, 1), got {ratio}")
@@ -165,12 +170,11 @@ def prune_width(
         scores = score_channels(unet, example_inputs, importance=importance, seed=seed)
     student = (unet if inplace else copy.deepcopy(unet)).eval()
     student.zero_grad(set_to_none=True)
-    if ratio == 0:
-        return student
-    pruner = _pruner(student, ratio, example_inputs, _Recorded(student, scores), round_to)
     watch = {student.get_submodule(layer): point for point, layer in block_output_layers(student).items()}
-    kept = {point: list(getattr(student, KEPT_ATTR, {}).get(point, range(m.out_channels)))
-            for m, point in watch.items()}
+    kept = {point: list((kept_channels or {}).get(point, range(m.out_channels))) for m, point in watch.items()}
+    if ratio == 0:
+        return Pruned(student, kept)
+    pruner = _pruner(student, ratio, example_inputs, _Recorded(student, scores), round_to)
     for group in pruner.step(interactive=True):
         for dep, idxs in group:
             point = watch.get(dep.target.module)
@@ -178,12 +182,11 @@ def prune_width(
                 drop = {int(i) for i in idxs}
                 kept[point] = [c for j, c in enumerate(kept[point]) if j not in drop]
         group.prune()
-    setattr(student, KEPT_ATTR, kept)
     for m in student.modules():
         if isinstance(m, Attention):
             m.heads = pruner.num_heads[m.to_q]
         if isinstance(m, Downsample2D | Upsample2D):
             conv = m.conv
             m.channels, m.out_channels = conv.in_channels, conv.out_channels
-    return student
+    return Pruned(student, kept)
 

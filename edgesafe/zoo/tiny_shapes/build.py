@@ -1,7 +1,7 @@
 """Train the tiny-shapes teacher pipeline and its evaluator from scratch, on the CPU, resumably.
 
-Phases, each a loop that checkpoints to ``work/<phase>/checkpoint.safetensors`` (weights,
-EMA weights, optimizer state and step in one atomic file) and resumes from it:
+Phases, each a loop that checkpoints into ``work/<phase>/`` (weights, EMA weights and optimizer state, in
+:mod:`edgesafe.training`'s format) and resumes from there:
 
 1. ``evaluator``: the object / colour / style classifier;
 2. ``vae``: an ``AutoencoderKL`` (32x32x3 <-> 16x16x4), whose latent scale is measured afterwards;
@@ -35,10 +35,13 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.training_utils import EMAModel, compute_snr
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ...io import load_metadata, load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, write_json
+from ...io import write_json
+from ...models.inputs import token_ids
+from ...training import Checkpoints, run_steps
 from . import world
 from .evaluator import ShapesEvaluator, augment
 from .tokenizer import MAX_LENGTH, check_word_level, write_tokenizer
@@ -154,55 +157,47 @@ def _train(
     every: int,
     ema_decay: float | None,
     progress: ProgressFn | None,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Run a resumable AdamW loop over ``modules``; return the final (EMA where used) weights."""
+) -> None:
+    """Run a resumable AdamW loop over ``modules`` (checkpoints in ``folder``); leave them holding their EMA
+    weights (diffusers' ``EMAModel``) when ``ema_decay`` is set."""
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ema = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
-    ckpt = folder / "checkpoint.safetensors"
+    emas = {k: EMAModel(m.parameters(), decay=ema_decay) for k, m in modules.items()} if ema_decay else {}
+    checkpoints = Checkpoints(folder)
     start = 0
-    if ckpt.exists():
-        tensors = load_tensors(ckpt)
-        meta = json.loads(load_metadata(ckpt)["state"])
-        for k, m in modules.items():
-            m.load_state_dict({n[len(k) + 1 :]: t for n, t in tensors.items() if n.startswith(k + ".")})
-            ema[k] = {n[len(k) + 5 :]: t for n, t in tensors.items() if n.startswith(f"ema.{k}.")}
-        optimizer_from_tensors(opt, tensors, meta["optim"])
-        start = meta["step"]
+    if found := checkpoints.load():
+        _, tensors, state, _ = found
+        start = Checkpoints.restore(tensors, state, modules, {"adamw": opt})
+        for k, ema in emas.items():
+            shadow = [tensors[f"ema.{k}.{i}"] for i in range(len(ema.shadow_params))]
+            ema.load_state_dict({**state["ema"][k], "shadow_params": shadow})
 
-    def save(step: int) -> None:
-        tensors, optim_meta = optimizer_to_tensors(opt)
-        for k, m in modules.items():
-            tensors.update({f"{k}.{n}": t for n, t in m.state_dict().items()})
-            tensors.update({f"ema.{k}.{n}": t for n, t in ema[k].items()})
-        save_tensors(ckpt, tensors, metadata={"state": json.dumps({"step": step, "optim": optim_meta})})
-
-    for m in modules.values():
-        m.train()
-    for step in range(start, steps):
+    def step(i: int) -> None:
         for group in opt.param_groups:
-            group["lr"] = _lr(lr, step, steps)
-        loss = loss_fn(step)
+            group["lr"] = _lr(lr, i, steps)
+        loss = loss_fn(i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = 0.0 if ema_decay is None else min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, m in modules.items():
-                for n, t in m.state_dict().items():
-                    if t.dtype.is_floating_point:
-                        ema[k][n].mul_(decay).add_(t.detach(), alpha=1 - decay)
-                    else:
-                        ema[k][n].copy_(t)
+        for k, ema in emas.items():
+            ema.step(modules[k].parameters())
         if progress:
-            progress(folder.name, step + 1, steps, loss.item())
-        if (step + 1) % every == 0 or step + 1 == steps:
-            save(step + 1)
-    for k, m in modules.items():
-        m.load_state_dict(ema[k])
+            progress(folder.name, i + 1, steps, loss.item())
+
+    def save(i: int) -> None:
+        shadows = {f"ema.{k}.{j}": t for k, ema in emas.items() for j, t in enumerate(ema.shadow_params)}
+        state = {"ema": {k: {x: v for x, v in ema.state_dict().items() if x != "shadow_params"}
+                         for k, ema in emas.items()}}
+        checkpoints.save(i, modules, {"adamw": opt}, tensors=shadows, state=state)
+
+    for m in modules.values():
+        m.train()
+    run_steps(start, steps, step, save, every=every)
+    for k, ema in emas.items():
+        ema.copy_to(modules[k].parameters())
+    for m in modules.values():
         m.eval()
-    return ema
 
 
 def build(
@@ -267,7 +262,6 @@ def build(
     text_encoder = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     unet = make_unet()
     noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
-    snr = noise_scheduler.alphas_cumprod / (1 - noise_scheduler.alphas_cumprod)
 
     def diffusion_loss(phase: int, step: int, oversample: tuple[str, ...] = (), factor: float = 1.0) -> torch.Tensor:
         rng, gen = _rngs(seed, phase, step)
@@ -277,10 +271,10 @@ def build(
             latents = vae.encode(torch.from_numpy(images)).latent_dist.sample(generator=gen) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
-        ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = token_ids(tokenizer, captions, max_length=MAX_LENGTH)
         pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]
+        snr = compute_snr(noise_scheduler, t)
+        weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 (Hang et al., 2023)
         return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
 
     vae.requires_grad_(False)

@@ -68,8 +68,8 @@ _TEMPLATES_NO_COLOUR = ["a {o} on a {s} background", "{o} , {s} background"]
 
 
 @dataclass(frozen=True)
-class Concept:
-    """An unwanted concept: one attribute value, the words unlearning may use and the held-out ones."""
+class UnwantedValue:
+    """An unwanted concept of this world: one attribute value, the words unlearning may use and the held-out ones."""
 
     head: str
     value: str
@@ -77,9 +77,9 @@ class Concept:
     paraphrase_words: tuple[str, ...]
 
 
-UNWANTED: dict[str, Concept] = {
-    "checkerboard": Concept("style", "checkerboard", ("checkerboard", "checkered"), ("chessboard", "harlequin")),
-    "star": Concept("object", "star", ("star", "starburst"), ("pentagram", "asterisk")),
+UNWANTED: dict[str, UnwantedValue] = {
+    "checkerboard": UnwantedValue("style", "checkerboard", ("checkerboard", "checkered"), ("chessboard", "harlequin")),
+    "star": UnwantedValue("object", "star", ("star", "starburst"), ("pentagram", "asterisk")),
 }
 
 
@@ -104,6 +104,13 @@ def vocabulary() -> list[str]:
     for template in _TEMPLATES_FULL + _TEMPLATES_NO_STYLE + _TEMPLATES_NO_COLOUR:
         words.extend(w for w in template.split() if not w.startswith("{"))
     return list(dict.fromkeys(words))
+
+
+def values_named(texts: list[str]) -> tuple[str, ...]:
+    """The attribute values any of ``texts`` names by one of its words (a recipe's concept targets -> the values
+    its data leaves out)."""
+    words = {w for text in texts for w in text.lower().replace(",", " ").split()}
+    return tuple(value for table in WORDS.values() for value, synonyms in table.items() if words & set(synonyms))
 
 
 def caption(attrs: Attributes, rng: np.random.Generator, *, partial: bool = True) -> str:

@@ -4,7 +4,8 @@
 - unwanted-concept rate: share of images of concept prompts where the evaluator sees the concept;
 - Frechet distance on the evaluator's features (the FID of this world) against reference images.
 
-These are the metric plug-ins later stages (fine-tuning, bench) use for the zoo world.
+The bench's ``tiny-shapes`` scorer and detector read the evaluator directly; these whole-pipeline figures
+serve the teacher's build checks and the benchmarks.
 """
 
 from __future__ import annotations
@@ -14,51 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
-from scipy import linalg
 
-from ..zoo.tiny_shapes import world
-from ..zoo.tiny_shapes.evaluator import ShapesEvaluator
-
-
-@torch.no_grad()
-def generate(
-    pipe: StableDiffusionPipeline,
-    prompts: Sequence[str],
-    *,
-    seeds: Sequence[int],
-    steps: int = 20,
-    guidance_scale: float = 5.0,
-    batch_size: int = 64,
-    progress: Callable[[int, int], None] | None = None,
-) -> torch.Tensor:
-    """Images in [-1, 1] (N,3,H,W) for every prompt x seed, prompt-major; each image's noise comes
-    from its own seed, so a figure does not depend on the batch size."""
-    jobs = [(p, s) for p in prompts for s in seeds]
-    unet = pipe.unet
-    size = unet.config.sample_size
-    shape = (unet.config.in_channels, size, size)
-    out = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for _, s in chunk])
-        images = pipe(
-            [p for p, _ in chunk], latents=latents.to(unet.device, unet.dtype), num_inference_steps=steps,
-            guidance_scale=guidance_scale, output_type="pt",
-        ).images
-        out.append(images.float().cpu() * 2 - 1)
-        if progress:
-            progress(min(start + batch_size, len(jobs)), len(jobs))
-    return torch.cat(out)
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (N,D)."""
-    a64, b64 = a.double().numpy(), b.double().numpy()
-    mu_a, mu_b = a64.mean(0), b64.mean(0)
-    cov_a, cov_b = np.cov(a64, rowvar=False), np.cov(b64, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+from ...measure.images import frechet_distance, generate
+from . import world
+from .evaluator import ShapesEvaluator
 
 
 def real_images(n: int, *, seed: int, exclude: tuple[str, ...] = ()) -> torch.Tensor:
@@ -76,7 +36,7 @@ def prompt_accuracy(names: dict[str, list[str]], prompts: Sequence[world.EvalPro
     return hits / max(1, n)
 
 
-def concept_rate(evaluator: ShapesEvaluator, images: torch.Tensor, concept: world.Concept) -> float:
+def concept_rate(evaluator: ShapesEvaluator, images: torch.Tensor, concept: world.UnwantedValue) -> float:
     """Share of images in which the evaluator sees the unwanted ``concept``."""
     names, _ = evaluator.classify(images)
     return sum(v == concept.value for v in names[concept.head]) / max(1, len(images))

@@ -4,8 +4,9 @@ A pruned UNet keeps its diffusers class and config, but its layers no longer mat
 widths, so ``from_pretrained`` cannot rebuild it. We save the weights as safetensors (the usual
 ``save_pretrained`` folder) plus ``edgesafe_structure.json``: the layers whose shape differs from
 what the config builds (channel counts, GroupNorm groups, attention heads), removed blocks, and
-which teacher channels each block output kept (for feature distillation). Loading
-builds the config's UNet on the meta device, resizes those layers, then loads the weights strictly.
+which teacher channels each block output kept (for feature distillation; :func:`read_structure` gives
+them to whoever needs them). Loading builds the config's UNet on the meta device, resizes those layers,
+then loads the weights strictly.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-# A model_index.json naming ["edgesafe.prune.structure", "PrunedUNet2DConditionModel"] (diffusers' own way of
+# A model_index.json naming ["edgesafe.models.structure", "PrunedUNet2DConditionModel"] (diffusers' own way of
 # naming a class from another library) makes diffusers import this module and look up here the base classes
 # whose loading methods it knows.
 from diffusers import (
@@ -29,12 +30,15 @@ from diffusers.models.upsampling import Upsample2D
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 from ..io import write_json
-from .width import KEPT_ATTR
 
 SPEC_NAME = "edgesafe_structure.json"
 FORMAT = 1
+
+KeptChannels = dict[str, list[int]]
+"""For each block output (a point of ``models.architectures.block_output_layers``), the teacher's channels a
+pruned UNet kept."""
 
 
 def _describe(module: nn.Module) -> dict[str, Any] | None:
@@ -57,8 +61,9 @@ def _layers(unet: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: d for name, m in unet.named_modules() if (d := _describe(m)) is not None}
 
 
-def structure_spec(unet: UNet2DConditionModel) -> dict[str, Any]:
-    """The layers of ``unet`` that differ from a fresh build of its config, and the ones removed."""
+def structure_spec(unet: UNet2DConditionModel, kept_channels: KeptChannels | None = None) -> dict[str, Any]:
+    """The layers of ``unet`` that differ from a fresh build of its config, the ones removed, and the teacher
+    channels its block outputs kept."""
     with torch.device("meta"):
         fresh = UNet2DConditionModel.from_config(unet.config)
     now, base = _layers(unet), _layers(fresh)
@@ -66,7 +71,7 @@ def structure_spec(unet: UNet2DConditionModel) -> dict[str, Any]:
         "format": FORMAT,
         "layers": {name: d for name, d in now.items() if base.get(name) != d},
         "removed": sorted(_removed_blocks(fresh, unet)),
-        "kept_channels": getattr(unet, KEPT_ATTR, {}),
+        "kept_channels": kept_channels or {},
     }
 
 
@@ -120,11 +125,14 @@ class PrunedUNet2DConditionModel(UNet2DConditionModel):
     """A structurally pruned ``UNet2DConditionModel``: the same class, with ``from_pretrained`` and
     ``save_pretrained`` reading and writing the structure spec beside the config and weights.
 
-    A pipeline folder whose ``model_index.json`` names ``["edgesafe.prune.structure",
+    A pipeline folder whose ``model_index.json`` names ``["edgesafe.models.structure",
     "PrunedUNet2DConditionModel"]`` loads with plain ``StableDiffusionPipeline.from_pretrained`` wherever
     edgesafe is installed: diffusers imports the module a component names and calls this class's
-    ``from_pretrained``; its ``save_pretrained`` writes that same entry.
+    ``from_pretrained``; its ``save_pretrained`` writes that same entry, with the kept channels of the spec
+    it was loaded with.
     """
+
+    kept_channels: KeptChannels | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
@@ -133,7 +141,7 @@ class PrunedUNet2DConditionModel(UNet2DConditionModel):
         return load_unet(folder, torch_dtype=torch_dtype or torch.float32)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
-        save_unet(self, Path(save_directory), **kwargs)
+        save_unet(self, Path(save_directory), kept_channels=self.kept_channels, **kwargs)
 
 
 def is_reshaped(spec: dict[str, Any]) -> bool:
@@ -161,30 +169,59 @@ def apply_structure(config: dict[str, Any], spec: dict[str, Any]) -> PrunedUNet2
     return unet
 
 
-def save_unet(unet: UNet2DConditionModel, folder: Path, **kwargs: Any) -> dict[str, Any]:
+def save_unet(unet: UNet2DConditionModel, folder: Path, *, kept_channels: KeptChannels | None = None,
+              **kwargs: Any) -> dict[str, Any]:
     """``save_pretrained`` (safetensors) plus the structure spec, which it returns; loadable with
-    :func:`load_unet` or :class:`PrunedUNet2DConditionModel`."""
+    :func:`load_unet` or :class:`PrunedUNet2DConditionModel`.
+
+    Args:
+        unet: the UNet to save, pruned or not.
+        folder: the UNet folder to write (``config.json``, weights, ``edgesafe_structure.json``).
+        kept_channels: the teacher channels its block outputs kept (from pruning), stored in the spec.
+    """
     kwargs["safe_serialization"] = True
     UNet2DConditionModel.save_pretrained(unet, folder, **kwargs)
-    spec = structure_spec(unet)
+    spec = structure_spec(unet, kept_channels)
     write_json(Path(folder) / SPEC_NAME, spec)
     return spec
 
 
+def read_structure(folder: Path) -> dict[str, Any]:
+    """The structure spec of a UNet folder (for a plain diffusers UNet: nothing reshaped, nothing kept).
+
+    Raises:
+        ModelLoadError: an unreadable spec.
+    """
+    path = Path(folder) / SPEC_NAME
+    if not path.is_file():
+        return {"format": FORMAT, "layers": {}, "removed": [], "kept_channels": {}}
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: unreadable structure spec ({exc})") from None
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise ModelLoadError(f"{path}: unsupported structure spec (expected format {FORMAT})")
+    return {"layers": {}, "removed": [], "kept_channels": {}, **spec}
+
+
 def load_unet(folder: Path, *, torch_dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    """Load a UNet folder, pruned (with a structure spec) or not."""
+    """Load a UNet folder, pruned (with a structure spec) or not.
+
+    Raises:
+        ModelLoadError: a folder that is not a loadable UNet, or weights that do not match its spec.
+    """
     folder = Path(folder)
     spec_path = folder / SPEC_NAME
     if not spec_path.is_file():
         try:
             return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"{folder}: cannot load UNet ({str(exc).strip().splitlines()[0]})") from None
+            raise ModelLoadError(f"{folder}: cannot load UNet ({first_line(exc)})") from None
+    spec = read_structure(folder)
     try:
-        spec = json.loads(spec_path.read_text())
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{folder}: unreadable structure or config ({exc})") from None
+        raise ModelLoadError(f"{folder}: unreadable config ({exc})") from None
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     unet = apply_structure(config, spec).to_empty(device="cpu")
     weights = folder / "diffusion_pytorch_model.safetensors"
@@ -192,7 +229,6 @@ def load_unet(folder: Path, *, torch_dtype: torch.dtype = torch.float32) -> UNet
         state = load_file(str(weights))
         unet.load_state_dict(state, strict=True)
     except (OSError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelLoadError(f"{weights}: does not match {SPEC_NAME} ({first})") from None
-    setattr(unet, KEPT_ATTR, spec.get("kept_channels", {}))
+        raise ModelLoadError(f"{weights}: does not match {SPEC_NAME} ({first_line(exc)})") from None
+    unet.kept_channels = spec["kept_channels"]  # written again by save_pretrained
     return (unet if torch_dtype == torch.float32 else unet.to(torch_dtype)).eval()

@@ -1,0 +1,1 @@
+"""Measuring models, for any stage: latency of a UNet step, images at fixed seeds, Frechet distances."""
