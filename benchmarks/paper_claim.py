@@ -2,8 +2,8 @@
 erase-strength knob under both unlearning objectives and several training seeds, Pareto fronts of the
 unwanted-concept rate against quality with paired bootstrap intervals, and the shipped recipe's student.
 
-    python benchmarks/paper_claim.py [--only METHOD ...] [--seeds 3] [--limit N]   # run (resumable)
-    python benchmarks/paper_claim.py --report                                      # write the results
+    python benchmarks/paper_claim.py [--only METHOD ...] [--seeds 3] [--limit N] [--jobs N]   # run (resumable)
+    python benchmarks/paper_claim.py --report                                                 # write the results
 
 Every (method, objective, setting, seed) cell fine-tunes the recipe's pruned student (pruned once) for the
 recipe's lower-level steps and is evaluated on 8 noise seeds over the bench's full wanted-prompt
@@ -11,8 +11,10 @@ distribution (96 prompts covering every template and synonym) and over 16 direct
 prompts per concept from the world's prompt generator (more and more varied than the recipe's own).
 Each finished cell is a JSON file under ``--work`` (per-image hits kept for the bootstrap), so the sweep
 can be stopped and continued; ``--report`` reads whatever cells exist and writes paper_claim.json and
-pareto.png. Cells run one after another in one process; wall time and gradient evaluations (samples
-through a training forward of the student or phi) are recorded per cell.
+pareto.png. Cells run one after another in each of ``--jobs`` processes (several share one GPU well: the
+model is tiny), each claiming a cell before it starts it; wall time, gradient evaluations (samples through
+a training forward of the student or phi), the commit and the hardware are recorded per cell. On a GPU
+the cells train and generate there.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +56,7 @@ REAL_SEED = 24680
 AUTHORS_LOWER = {"finetune.lower.denoise": 1.0, "finetune.lower.output_kd": 2.0, "finetune.lower.feature_kd": 0.1,
                  "finetune.lower.min_snr_gamma": 5.0}
 BOTH = ("esd", "ablation")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # method -> (fixed settings, objectives, knob settings: label -> settings); upper_lr is the recipe's lr unless a
 # setting names it (the authors' variant: 5x, their ratio)
@@ -155,7 +160,7 @@ class GradientCounter:
 def run_cell(cell, work: Path, teacher, pruned_dir: Path, evaluation: Evaluation, refs: dict) -> dict:
     method, objective, setting, seed = cell
     recipe = cell_recipe(*cell)
-    student = load_pipeline(pruned_dir)
+    student = load_pipeline(pruned_dir).to(DEVICE)
     folder = work / "train" / "-".join(map(str, cell))
     t0 = time.perf_counter()
     trainer = Trainer(teacher, student.unet, recipe, folder,
@@ -172,7 +177,7 @@ def run_cell(cell, work: Path, teacher, pruned_dir: Path, evaluation: Evaluation
     tail = result.curves[-50:]
     return {
         "cell": {"method": method, "objective": objective, "setting": setting, "seed": seed},
-        "commit": provenance()["commit"],
+        "commit": provenance()["commit"], "hardware": provenance()["hardware"],
         "finetune": recipe.finetune.model_dump(mode="json"),
         "train_seconds": round(seconds, 1), "gradient_samples": counter.samples, "steps": result.steps,
         "final_losses": {k: statistics.fmean(r[k] for r in tail if k in r)
@@ -183,32 +188,62 @@ def run_cell(cell, work: Path, teacher, pruned_dir: Path, evaluation: Evaluation
     }
 
 
+def claim(path: Path) -> bool:
+    """Whether this process may run the cell whose result goes to ``path``: no other live process claimed it."""
+    lock = path.with_suffix(".claim")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                return False  # its owner is alive
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # a claim left by a process that died
+                continue
+            except PermissionError:
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
 def sweep(args) -> None:
     work = args.work
     base = cell_recipe("default", "recipe", "-", 0)
     run = RunDir(work / "run")
-    run_stages(base, run, [TEACHER, PRUNE], resume=True)
-    teacher = load_pipeline(base.model.source)
-    evaluator = load_evaluator(base.model.evaluator)
+    if not args.worker:
+        run_stages(base, run, [TEACHER, PRUNE], resume=True)
+    teacher = load_pipeline(base.model.source).to(DEVICE)
+    evaluator = load_evaluator(base.model.evaluator).to(DEVICE)
     evaluation = Evaluation(base, evaluator)
     refs_path = work / "references.safetensors"
     teacher_path = work / "cells" / "teacher.json"
-    if not teacher_path.is_file():
+    if not args.worker and not teacher_path.is_file():
         figures = evaluation(teacher)
         _, real = evaluator.classify(real_images(2000, seed=REAL_SEED, exclude=tuple(world.UNWANTED)))
         save_tensors(refs_path, {"teacher": figures.pop("features"), "real": real})
         write_json(teacher_path, figures)
+    workers = [] if args.worker else [
+        subprocess.Popen([sys.executable, __file__, "--worker", *sys.argv[1:]]) for _ in range(args.jobs - 1)]
     refs = load_tensors(refs_path)
     todo = [c for c in cells(args.seeds, args.only) if not cell_path(work, c).is_file()]
     for n, cell in enumerate(todo[: args.limit]):
+        if cell_path(work, cell).is_file() or not claim(cell_path(work, cell)):
+            continue
         t0 = time.perf_counter()
         result = run_cell(cell, work, copy.deepcopy(teacher), run.root / PRUNE.folder, evaluation, refs)
         write_json(cell_path(work, cell), result)
+        cell_path(work, cell).with_suffix(".claim").unlink(missing_ok=True)
         acc = statistics.fmean(result["wanted_hits"])
         rates = {k: round(statistics.fmean(v), 3) for k, v in result.items() if k.count(".") == 1 and "hits" not in k
                  and isinstance(v, list)}
         print(f"[{n + 1}/{len(todo)}] {'/'.join(map(str, cell))}: accuracy {acc:.3f} {rates} "
               f"fid_t {result['fid_vs_teacher']:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for worker in workers:
+        worker.wait()
 
 
 # --- the analysis ----------------------------------------------------------------------------------
@@ -403,6 +438,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="write the results from the finished cells")
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--out", type=Path, default=RESULTS / "paper_claim.json")
+    parser.add_argument("--jobs", type=int, default=1, help="processes running cells side by side")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (1 leaves a core free for other work on a 2-core machine)")
     args = parser.parse_args()
