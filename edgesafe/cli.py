@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -35,14 +36,47 @@ app.add_typer(zoo_app, name="zoo")
 RECIPE_DIR = Path("recipes")
 
 
+PLAIN_PROGRESS_EVERY = 30.0
+"""Seconds between progress lines without a terminal (CI logs) and between --log-json progress events."""
+
+
 class Output:
-    """Where the CLI's words go: rich text, nothing (``--quiet``) or JSON lines (``--log-json``)."""
+    """Where the CLI's words go: rich text, nothing but errors (``--quiet``) or JSON lines (``--log-json``).
+    While a run works, whatever else writes to stderr (libraries' logging, warnings and progress bars, native
+    code) goes to the run's ``log.txt`` instead (:meth:`logging_to`)."""
 
     def __init__(self) -> None:
         self.quiet = False
         self.json = False
         self.console = Console()
         self.err = Console(stderr=True, soft_wrap=True)
+        self.log: Path | None = None
+
+    @contextmanager
+    def logging_to(self, path: Path):
+        """Send file descriptor 2 (everything third-party writes to stderr, child processes included) to ``path``,
+        keeping edgesafe's own errors on the terminal's stderr; an error names the log."""
+        import logging
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sys.stderr.flush()
+        terminal = os.dup(2)
+        self.err = Console(file=os.fdopen(os.dup(terminal), "w"), soft_wrap=True,
+                           force_terminal=self.err.is_terminal or None)
+        handler = logging.StreamHandler(sys.stderr)  # the root logger's records, now into the log
+        logging.getLogger().addHandler(handler)
+        with path.open("a") as log:
+            log.write(f"--- edgesafe {__version__}: {' '.join(sys.argv[1:])}\n")
+            log.flush()
+            os.dup2(log.fileno(), 2)
+            self.log = path
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(terminal, 2)
+                os.close(terminal)
+                logging.getLogger().removeHandler(handler)
 
     def say(self, message: Any) -> None:
         if not (self.quiet or self.json):
@@ -53,15 +87,22 @@ class Output:
             print(json.dumps({"event": kind, **data}, default=str), flush=True)
 
     def error(self, message: str) -> None:
+        if self.log is not None:
+            message += f" (log: {self.log})"
         if self.json:
             print(json.dumps({"event": "error", "message": message}), flush=True)
-        self.err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+        self.err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
 
     @contextmanager
     def progress(self):
-        """A callback ``(task, done, total)`` drawing one rich bar per task (none when quiet or JSON)."""
-        if self.quiet or self.json or not self.console.is_terminal and os.environ.get("EDGESAFE_PROGRESS") != "1":
+        """A callback ``(task, done, total)``: one rich bar per task on a terminal; without one (CI logs), a plain
+        line per task every :data:`PLAIN_PROGRESS_EVERY` seconds and at its end; with ``--log-json``, progress
+        events as often; nothing with ``--quiet``."""
+        if self.quiet:
             yield lambda *_: None
+            return
+        if self.json or not self.console.is_terminal and os.environ.get("EDGESAFE_PROGRESS") != "1":
+            yield self._occasional()
             return
         bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=self.console, transient=False)
@@ -74,6 +115,24 @@ class Output:
 
         with bars:
             yield update
+
+    def _occasional(self):
+        import time
+
+        start: dict[str, float] = {}
+        last: dict[str, float] = {}
+
+        def update(task: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            start.setdefault(task, now)
+            if done < total and now - last.get(task, -PLAIN_PROGRESS_EVERY) < PLAIN_PROGRESS_EVERY:
+                return
+            last[task] = now
+            elapsed = round(now - start[task], 1)
+            self.event("progress", task=task, done=done, total=total, elapsed_seconds=elapsed)
+            self.say(f"{task}: {done}/{total} ({elapsed:.0f} s)")
+
+        return update
 
 
 out = Output()
@@ -136,16 +195,27 @@ def _run(recipe: Path, model: Path | None, out_dir: Path | None, resume: bool, s
 
 
 def _run_stages(r, run, *, resume: bool, until: str | None = None) -> None:
-    from .pipeline import STAGES
+    from .pipeline import EXPORT, STAGES
     from .runs import ACTIONS, run_stages
 
     stages = STAGES if until is None else STAGES[: [s.name for s in STAGES].index(until) + 1]
-    with out.progress() as progress:
+    if EXPORT in stages:
+        from .export.targets import missing_extras
+
+        if missing := missing_extras(r):  # before hours of fine-tuning, not after
+            raise EdgesafeError(f"export: {'; '.join(missing)}")
+    with out.logging_to(run.root / "log.txt"), out.progress() as progress:
         outcomes = run_stages(r, run, stages, resume=resume, progress=progress,
                               on_stage=lambda s, action: out.say(f"[bold]{s.name}[/]: {action} ({ACTIONS[action]})"))
+    table = Table(title=f"{r.name} -> {run.root} (log: {run.root / 'log.txt'})")
+    for col in ("stage", "what it made", "where"):
+        table.add_column(col, overflow="fold")
     for o in outcomes:
         out.event("stage", stage=o.name, action=o.action, figures=o.manifest.get("figures"))
-        out.say(f"{o.name}: done -> {run.root / next(s.folder for s in STAGES if s.name == o.name)}")
+        figures = o.manifest.get("figures", {})
+        stage = next(s for s in STAGES if s.name == o.name)
+        table.add_row(o.name, stage.summary(figures), str(run.root / stage.folder))
+    out.say(table)
     if outcomes[-1].name == "bench":
         _print_summary(Path(outcomes[-1].manifest["figures"]["report"]))
     out.event("done", run=str(run.root))
@@ -154,8 +224,9 @@ def _run_stages(r, run, *, resume: bool, until: str | None = None) -> None:
 def _print_summary(report_path: Path) -> None:
     """The report's summary table (teacher against the edge model) and where the HTML is."""
     from .bench.html import summary_rows
+    from .io import read_json
 
-    report = json.loads(report_path.read_text())
+    report = read_json(report_path, "report")
     table = Table(title=f"{report['run']['recipe']['name']}: teacher vs {report['edge_subject']}")
     for col in ("figure", "teacher", report["edge_subject"]):
         table.add_column(col)
@@ -450,5 +521,11 @@ def run() -> None:
         if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):  # click usage errors
             exc.show()
             sys.exit(exc.exit_code)
+        from .io import out_of_space
+
+        if out_of_space(exc):  # a write outside edgesafe's atomic ones (a library's own save)
+            where = getattr(exc, "filename", None) or "a write"
+            out.error(f"{where}: no space left on the device; free some space and rerun with --resume")
+            sys.exit(2)
         raise
     sys.exit(code if isinstance(code, int) else 0)

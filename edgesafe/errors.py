@@ -23,6 +23,10 @@ class CheckpointError(EdgesafeError):
     """A checkpoint that is missing, truncated or from another model."""
 
 
+class DiskFullError(EdgesafeError):
+    """A write that found no space left; what was there before it is intact."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-blank line of an exception's message (its type's name when the message is empty), for the
     one-line errors edgesafe shows in place of a third-party traceback."""

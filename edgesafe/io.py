@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,18 +16,45 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DiskFullError, EdgesafeError, first_line
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+"""errnos of a write that ran out of room: the device is full, the quota spent, or the file size limit reached."""
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that ran out of room: an ``OSError`` with its errno, or an error that carries one
+    in its text (a Rust or C++ writer's, ``shutil.copytree``'s list of failed files)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in NO_SPACE
+    return any(text in str(exc) for text in ("os error 28", "No space left on device", "Disk quota exceeded",
+                                             "File too large"))
+
+
+@contextmanager
+def space_checked(path: Path) -> Iterator[None]:
+    """Turn a write into ``path`` that runs out of space into a :class:`DiskFullError` line."""
+    try:
+        yield
+    except Exception as exc:
+        if out_of_space(exc):
+            raise DiskFullError(f"{path}: no space left to write it; what was there before is intact. Free some "
+                                "space and rerun (--resume continues)") from None
+        raise
 
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename. Running out of space
+    leaves ``path`` as it was and raises :class:`DiskFullError`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with space_checked(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        with space_checked(path):
+            yield Path(tmp)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -35,15 +63,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
 @contextmanager
 def atomic_dir(path: Path, *, copy_from: Path | None = None) -> Iterator[Path]:
     """Yield ``<path>.partial`` (empty, or a copy of ``copy_from``); on success it replaces ``path``
-    whole, on failure it is removed and ``path`` is left as it was."""
+    whole, on failure it is removed and ``path`` is left as it was (running out of space is a
+    :class:`DiskFullError`)."""
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    if copy_from is not None:
-        shutil.copytree(copy_from, partial)
-    else:
-        partial.mkdir(parents=True)
     try:
-        yield partial
+        with space_checked(path):
+            if copy_from is not None:
+                shutil.copytree(copy_from, partial)
+            else:
+                partial.mkdir(parents=True)
+            yield partial
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -54,6 +84,16 @@ def atomic_dir(path: Path, *, copy_from: Path | None = None) -> Iterator[Path]:
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    """The JSON in ``path``; a missing, unreadable or invalid file is one :class:`EdgesafeError` line naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgesafeError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgesafeError(f"{path}: {what} is not readable JSON ({first_line(exc)})") from None
 
 
 def write_json(path: Path, data: Any) -> None:

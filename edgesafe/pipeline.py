@@ -20,7 +20,7 @@ from .finetune.curves import save_curves
 from .finetune.losses import DenoisingTask
 from .finetune.memory import peak_gib
 from .finetune.trainer import Trainer
-from .finetune.trainer import stage_settings as finetune_settings
+from .finetune.trainer import stage_reads as finetune_reads
 from .measure.latency import measure_unet_ms
 from .models.loading import load_pipeline, resolve_source
 from .models.saving import save_student
@@ -56,13 +56,19 @@ def _teacher(ctx: StageContext) -> dict[str, Any]:
     return unet_figures(pipe.unet, ctx.recipe, text_length=pipe.tokenizer.model_max_length)
 
 
+def _unet_line(f: dict[str, Any]) -> str:
+    return (f"UNet {f['unet_params'] / 1e6:.2f}M params, {f['unet_macs_per_step'] / 1e9:.2f} GMACs and "
+            f"{f['ms_per_step']:.1f} ms per step on {f['device']}")
+
+
 TEACHER = Stage(
     name="teacher",
     folder="0-teacher",
     description="load the teacher and measure its size, cost and step latency on the device",
-    settings=lambda r: {"model": r.model.source, "device": r.device},
+    reads=lambda r: ["model.source", "device"],
     inputs=lambda r: {"model": fingerprint(resolve_source(r.model.source))},
     run=_teacher,
+    summary=_unet_line,
 )
 
 def budget_measure(recipe: Recipe, *, text_length: int) -> Callable[[UNet2DConditionModel], float]:
@@ -164,9 +170,10 @@ PRUNE = Stage(
     name="prune",
     folder="1-prune",
     description="prune the UNet structurally to the device budget",
-    settings=lambda r: {"budget": r.budget.model_dump(), "prune": r.prune.model_dump(), "device": r.device,
-                        "data": r.data.model_dump() if r.prune.importance == "taylor" else None},
+    reads=lambda r: ["model.source", "budget", "prune", "device"] + (  # Taylor calibrates on fine-tuning batches
+        ["data", "concepts[].target", "finetune.batch_size"] if r.prune.importance == "taylor" else []),
     run=_prune,
+    summary=lambda f: f"{_unet_line(f)} ({f['unet_params'] / f['teacher']['unet_params']:.0%} of the teacher's params)",
 )
 
 def _finetune(ctx: StageContext) -> dict[str, Any]:
@@ -192,10 +199,10 @@ FINETUNE = Stage(
     name="finetune",
     folder="2-finetune",
     description="fine-tune the pruned UNet: distillation (lower level) + concept unlearning (upper level)",
-    settings=lambda r: {"finetune": finetune_settings(r),
-                        "concepts": [c.model_dump(exclude={"detector"}) for c in r.concepts],
-                        "data": r.data.model_dump()},
+    reads=finetune_reads,
     run=_finetune,
+    summary=lambda f: f"{f['steps']} steps of {f['solver']} on {f['device']}; final losses: " + (", ".join(
+        f"{k} {v:.4g}" for k, v in f["final_losses"].items() if k in ("lower", "upper")) or "-"),
 )
 
 def _export(ctx: StageContext) -> dict[str, Any]:
@@ -209,10 +216,13 @@ EXPORT = Stage(
     name="export",
     folder="3-export",
     description="export the student to ONNX / Core ML, quantize, and check parity against PyTorch",
-    settings=lambda r: {"export": r.export.model_dump(), "data": r.data.model_dump(),
-                        "sampling": r.sampling.model_dump(),  # parity prompts: a concept prompt and data captions
-                        "concepts": [c.model_dump(include={"prompts"}) for c in r.concepts]},
+    reads=lambda r: ["export", "sampling", "data",  # parity prompts: a concept prompt and the data's captions
+                     "concepts[].prompts", "concepts[].target"],
     run=_export,
+    summary=lambda f: "; ".join(
+        f"{target}/{variant} {g['bytes'] / 1e6:.1f} MB" + (f", {g['image_psnr_db']:.1f} dB vs PyTorch"
+                                                             if "image_psnr_db" in g else "")
+        for target, variants in f.items() for variant, g in variants.items()),
 )
 
 def _bench(ctx: StageContext) -> dict[str, Any]:
@@ -225,11 +235,9 @@ BENCH = Stage(
     name="bench",
     folder="4-bench",
     description="time every artefact against the teacher, score quality and concept rates, write the report",
-    settings=lambda r: {"bench": r.bench.model_dump(), "sampling": r.sampling.model_dump(),
-                        "check": r.check.model_dump(), "device": r.device,
-                        "concepts": [c.model_dump() for c in r.concepts], "data": r.data.model_dump(),
-                        "evaluator": r.model.evaluator},
+    reads=lambda r: [""],  # the whole recipe: the report records it
     run=_bench,
+    summary=lambda f: f"report {f['report']} and {f['html']}",
     keep=("report.json", "report.html", "images"),
 )
 

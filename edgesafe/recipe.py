@@ -11,17 +11,55 @@ from __future__ import annotations
 import copy
 import importlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .devices import load_profiles
 from .errors import RecipeError, first_line
 
+MAX_STEPS = 10_000_000
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+"""Recipe and concept names, which name folders, files and report sections."""
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A recipe section: unknown keys refused, numbers finite (every numeric field also has a sane range), and a
+    boolean never read as a number."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and bool not in _accepted_types(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a {_kind(cls.model_fields[info.field_name].annotation)}, not a boolean")
+        return value
+
+
+def _accepted_types(annotation: Any) -> set[Any]:
+    """The plain types an annotation accepts (through ``X | None`` and ``Annotated``)."""
+    if get_origin(annotation) in (Union, UnionType):
+        return set().union(*(_accepted_types(a) for a in get_args(annotation)))
+    if get_origin(annotation) is Annotated:
+        return _accepted_types(get_args(annotation)[0])
+    return {get_origin(annotation) or annotation}
+
+
+def _kind(annotation: Any) -> str:
+    types = _accepted_types(annotation) - {type(None)}
+    return "number" if types <= {int, float} else " or ".join(sorted(getattr(t, "__name__", str(t)) for t in types))
 
 
 REGISTRIES: dict[str, tuple[str, str]] = {
@@ -37,6 +75,7 @@ REGISTRIES: dict[str, tuple[str, str]] = {
     "zoo world": ("edgesafe.zoo", "WORLDS"),
     "export target": ("edgesafe.export.targets", "TARGETS"),
     "quantizer": ("edgesafe.export.targets", "QUANTIZERS"),
+    "parity precision": ("edgesafe.export.targets", "PRECISIONS"),
     "detector": ("edgesafe.bench.detectors", "DETECTORS"),
     "prompt set": ("edgesafe.bench.prompts", "PROMPT_SETS"),
 }
@@ -76,7 +115,7 @@ class Budget(_Section):
 
     metric: Literal["params", "macs", "latency"] = "params"
     ratio: float | None = Field(default=None, gt=0, le=1)
-    ms_per_step: float | None = Field(default=None, gt=0)
+    ms_per_step: float | None = Field(default=None, gt=0, le=1e6)
     tolerance: float = Field(default=0.05, gt=0, lt=1)
 
     @model_validator(mode="after")
@@ -92,9 +131,9 @@ class PruneSpec(_Section):
     method: Literal["width", "blocks", "width+blocks"] = "width"
     importance: Registered("importance") = "magnitude"
     blocks: Registered("block-removal variant") | None = None
-    round_to: int | None = Field(default=None, ge=1)
+    round_to: int | None = Field(default=None, ge=1, le=1024)
     """Channel multiple; None takes the device profile's."""
-    calibration_batches: int = Field(default=4, ge=1)
+    calibration_batches: int = Field(default=4, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _blocks_named(self) -> PruneSpec:
@@ -124,7 +163,8 @@ class DetectorSpec(_Section):
 class Concept(_Section):
     """An unwanted concept: its prompts for unlearning, and held-out paraphrases for evaluation."""
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=64, pattern=SAFE_NAME)
+    """Names files and report sections: letters, digits, ``.``, ``_`` and ``-``."""
     target: str = Field(min_length=1)
     """The words that name the concept inside its prompts (replaced by ``anchor`` for ablation)."""
     objective: Registered("unlearning objective") = "esd"
@@ -132,7 +172,7 @@ class Concept(_Section):
     paraphrases: list[str] = Field(default_factory=list)
     anchor: str | None = None
     """What ``target`` becomes in the anchor prompts (``ablation``); ESD guides away instead."""
-    eta: float = Field(default=1.0, gt=0)
+    eta: float = Field(default=1.0, gt=0, le=100)
     """ESD negative-guidance strength."""
     params: Registered("parameter subset") = "xattn"
     detector: DetectorSpec | None = None
@@ -161,7 +201,7 @@ class DataSpec(_Section):
     kind: Registered("data kind") = "zoo"
     name: Registered("zoo world") | None = None
     path: str | None = None
-    resolution: int | None = Field(default=None, ge=8)
+    resolution: int | None = Field(default=None, ge=8, le=8192)
     exclude_concepts: bool = True
     """Drop every sample whose caption names an unwanted concept (the paper's setting)."""
 
@@ -177,11 +217,11 @@ class DataSpec(_Section):
 class LowerLevel(_Section):
     """L_ft: denoising loss + output distillation + feature distillation."""
 
-    denoise: float = Field(default=1.0, ge=0)
-    output_kd: float = Field(default=1.0, ge=0)
-    feature_kd: float = Field(default=1.0, ge=0)
+    denoise: float = Field(default=1.0, ge=0, le=1000)
+    output_kd: float = Field(default=1.0, ge=0, le=1000)
+    feature_kd: float = Field(default=1.0, ge=0, le=1000)
     feature_align: Literal["kept", "projection"] = "kept"
-    min_snr_gamma: float | None = Field(default=None, gt=0)
+    min_snr_gamma: float | None = Field(default=None, gt=0, le=1000)
 
 
 class FinetuneSpec(_Section):
@@ -189,38 +229,38 @@ class FinetuneSpec(_Section):
     settings and its own (``Solver.reads``); see docs/architecture.md for what each optimises."""
 
     solver: Registered("solver") = "bilevel-alternating"
-    steps: int = Field(default=2000, ge=1)
+    steps: int = Field(default=2000, ge=1, le=MAX_STEPS)
     """Lower-level (distillation) steps."""
-    batch_size: int = Field(default=32, ge=1)
-    lr: float = Field(default=1e-4, gt=0)
+    batch_size: int = Field(default=32, ge=1, le=65_536)
+    lr: float = Field(default=1e-4, gt=0, le=1)
     lr_schedule: Registered("lr schedule") = "constant"
     """Every optimizer's learning rate over the run (two-stage: over its distillation steps)."""
-    lr_warmup_steps: int = Field(default=0, ge=0)
-    upper_lr: float = Field(default=5e-4, gt=0)
+    lr_warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
+    upper_lr: float = Field(default=5e-4, gt=0, le=1)
     """The concepts' subsets' optimizer (two-stage, bilevel-alternating, bilevel-penalty)."""
     lower: LowerLevel = LowerLevel()
     upper_latents: Registered("upper latents source") = "lower-batch"
     """Where the unlearning loss's noisy latents come from (``finetune.upper.UPPER_LATENTS``)."""
-    erase_steps: int | None = Field(default=None, ge=1)
+    erase_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     """two-stage: erase steps after the ``steps`` lower steps; default 5% of ``steps``."""
     erase_against: Literal["teacher", "distilled"] = "teacher"
     """two-stage: the unlearning targets come from the teacher, or (ESD on the distilled checkpoint, as the
     paper's authors ran their baseline) from a frozen copy of the student as distillation left it."""
-    upper_every: int = Field(default=10, ge=1)
+    upper_every: int = Field(default=10, ge=1, le=MAX_STEPS)
     """bilevel-alternating: an upper step every N iterations."""
-    penalty_lambda: float = Field(default=1.0, gt=0)
+    penalty_lambda: float = Field(default=1.0, gt=0, le=1e6)
     """bilevel-penalty: lambda at the first step."""
-    penalty_growth: float = Field(default=10.0, ge=1)
+    penalty_growth: float = Field(default=10.0, ge=1, le=1e6)
     """bilevel-penalty: lambda grows linearly to ``penalty_lambda * penalty_growth`` at the last step."""
-    inner_steps: int = Field(default=1, ge=1)
+    inner_steps: int = Field(default=1, ge=1, le=1000)
     """bilevel-penalty: phi's steps on the lower level per iteration."""
     unlearn_target: float = Field(default=1.0, gt=0, le=100)
     """constrained: each concept's unlearning loss must fall under this multiple of the teacher's own on the
     same batch (the teacher's measures how far its concept prompts are from the objective's target; a
     student erases below 1)."""
-    dual_lr: float = Field(default=1.0, gt=0)
+    dual_lr: float = Field(default=1.0, gt=0, le=1e6)
     """constrained: the multipliers' dual-ascent step."""
-    checkpoint_every: int = Field(default=200, ge=1)
+    checkpoint_every: int = Field(default=200, ge=1, le=MAX_STEPS)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast the forward passes and hold the frozen teacher in this precision (the student keeps fp32
     weights; fp16 scales the loss). fp16 needs a GPU."""
@@ -239,48 +279,52 @@ class FinetuneSpec(_Section):
 
 
 class Tolerance(_Section):
-    max_abs: float | None = Field(default=None, gt=0)
-    psnr_db: float | None = Field(default=None, gt=0)
+    max_abs: float | None = Field(default=None, gt=0, le=1e6)
+    psnr_db: float | None = Field(default=None, gt=0, le=200)
+
+
+DEFAULT_PARITY = {"fp32": Tolerance(max_abs=1e-3, psnr_db=40.0), "int8": Tolerance(psnr_db=25.0)}
 
 
 class ExportSpec(_Section):
     targets: list[Registered("export target")] = Field(default_factory=lambda: ["onnx"])
     quantize: list[Registered("quantizer")] = Field(default_factory=list)
-    opset: int = Field(default=17, ge=14)
-    parity: dict[Literal["fp32", "fp16", "int8", "palettized"], Tolerance] = Field(
-        default_factory=lambda: {
-            "fp32": Tolerance(max_abs=1e-3, psnr_db=40.0),
-            "fp16": Tolerance(psnr_db=30.0),
-            "int8": Tolerance(psnr_db=25.0),
-            "palettized": Tolerance(psnr_db=20.0),
-        }
-    )
+    opset: int = Field(default=17, ge=14, le=30)
+    parity: dict[Registered("parity precision"), Tolerance] = Field(default_factory=lambda: dict(DEFAULT_PARITY))
+    """How close to PyTorch each precision's artefacts must be (``export.targets.PRECISIONS``: the precisions a
+    target's artefacts are compared at; Core ML packages predict only on macOS and are validated as specs). A
+    precision the recipe leaves out keeps its default."""
+
+    @field_validator("parity")
+    @classmethod
+    def _defaults_kept(cls, parity: dict[str, Tolerance]) -> dict[str, Tolerance]:
+        return {**DEFAULT_PARITY, **parity}
 
 
 class SamplingSpec(_Section):
     """How images are sampled wherever a stage generates them: export parity and calibration, the bench's images
     and timings, and fine-tuning's sampled unlearning latents."""
 
-    steps: int = Field(default=20, ge=1)
+    steps: int = Field(default=20, ge=1, le=1000)
     """Denoising steps (the pipeline's scheduler)."""
-    guidance_scale: float = Field(default=5.0, ge=0)
+    guidance_scale: float = Field(default=5.0, ge=0, le=100)
     """Classifier-free guidance scale."""
 
 
 class BenchSpec(_Section):
     """The bench stage: how many images and timings stand behind each figure of the report."""
 
-    seeds: int = Field(default=4, ge=1)
+    seeds: int = Field(default=4, ge=1, le=10_000)
     """Seeds per prompt of the quality (wanted) prompt set."""
-    safety_seeds: int = Field(default=8, ge=1)
+    safety_seeds: int = Field(default=8, ge=1, le=10_000)
     """Seeds per prompt of each concept prompt set (more images, a narrower interval)."""
     prompt_sets: list[Registered("prompt set")] = Field(default_factory=lambda: ["direct", "paraphrase"])
     """Concept prompt sets, names from ``bench.prompts.PROMPT_SETS``."""
-    wanted_prompts: int = Field(default=32, ge=1)
+    wanted_prompts: int = Field(default=32, ge=1, le=100_000)
     """How many wanted prompts to draw from the data's captions (a zoo world brings its own set)."""
-    latency_rounds: int = Field(default=2, ge=1)
+    latency_rounds: int = Field(default=2, ge=1, le=1000)
     """Rounds of latency: each round times every subject once, each in a fresh process."""
-    latency_repeats: int = Field(default=3, ge=1)
+    latency_repeats: int = Field(default=3, ge=1, le=10_000)
     """Timed calls of each component per round (after one warm-up call)."""
     erasure_tolerance: float = Field(default=0.02, ge=0, le=1)
     """A stage whose concept rate exceeds the fine-tuned student's by more than this is flagged."""
@@ -303,18 +347,18 @@ class CheckSpec(_Section):
     concept_rate_slack: float = Field(default=0.05, ge=0, le=1)
     """How far a concept rate may rise above the report's before the gate fails."""
     max_prompt_accuracy_drop: float = Field(default=0.05, ge=0, le=1)
-    max_fid_increase: float = Field(default=0.10, ge=0)
+    max_fid_increase: float = Field(default=0.10, ge=0, le=100)
     """Fraction of the report's FID."""
-    max_psnr_drop_db: float = Field(default=1.0, ge=0)
+    max_psnr_drop_db: float = Field(default=1.0, ge=0, le=200)
     """Fidelity to the teacher (image PSNR at the same seeds)."""
     max_speed_regression: float = Field(default=0.25, ge=0, lt=1)
     """Fraction of the speed-up over the teacher (measured side by side, so host noise cancels)."""
 
 
 class Recipe(_Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(min_length=1, max_length=64, pattern=SAFE_NAME)
     description: str = ""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     model: ModelSpec
     device: str
     budget: Budget
@@ -375,17 +419,26 @@ def _format_error(source: str, exc: ValidationError) -> str:
 
 
 def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with each dotted key set (``finetune.lr``; a number indexes a list: ``concepts.0.eta``)."""
+    def slot(node: Any, key: str, dotted: str) -> tuple[Any, Any]:
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError(f"{source}: {dotted}: {key!r} is not an index of the list's {len(node)} items")
+            return node, int(key)
+        if not isinstance(node, dict):
+            raise RecipeError(f"{source}: {dotted}: cannot set a key inside a non-mapping")
+        return node, key
+
     for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise RecipeError(f"{source}: {dotted}: cannot set a key inside a non-mapping")
-            node = child
-        node[leaf] = value
+            container, k = slot(node, key, dotted)
+            if isinstance(container, dict) and container.get(k) is None:
+                container[k] = {}
+            node = container[k]
+        container, k = slot(node, leaf, dotted)
+        container[k] = value
     return data
 
 
@@ -400,13 +453,42 @@ def recipe_from_dict(data: Any, *, source: str = "<recipe>", overrides: dict[str
         raise RecipeError(_format_error(source, exc)) from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the base constructor says so
+                break
+            if first != line:
+                raise _DuplicateKey(f"duplicate key {key!r} at lines {first} and {line}")
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(path: str | Path, *, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read, validate and resolve a recipe file."""
+    """Read, validate and resolve a recipe file.
+
+    Raises:
+        RecipeError: a missing file, invalid YAML (a repeated key included), or a recipe the schema refuses; one
+            line naming the file and the field.
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
+    except _DuplicateKey as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: not valid YAML ({first_line(exc)})") from None
     return recipe_from_dict(data, source=str(path), overrides=overrides)

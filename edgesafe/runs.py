@@ -10,21 +10,25 @@ missing or stale. Manifests are written atomically; a stage is complete only onc
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from . import __version__
 from .errors import EdgesafeError
-from .io import write_json, write_text
+from .io import read_json, write_json, write_text
 from .recipe import Recipe
 
 MANIFEST = "stage.json"
+LOCK = ".lock"
 
 Action = Literal["skip", "resume", "run"]
 ACTIONS: dict[str, str] = {
@@ -70,14 +74,19 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
-    """A named step of ``compress``: a settings selector and a function that returns figures."""
+    """A named step of ``compress``: the recipe fields it reads and a function that returns figures."""
 
     name: str
     folder: str
-    settings: Callable[[Recipe], dict[str, Any]]
+    reads: Callable[[Recipe], list[str]]
+    """The recipe fields the stage reads, as dotted paths (``concepts[].target``: that field of every concept;
+    the seed is always read). Its key is built from their values, so a change to any of them redoes it and a
+    change to any other field does not."""
     run: Callable[[StageContext], dict[str, Any]]
     description: str = ""
     inputs: Callable[[Recipe], dict[str, str]] = field(default=lambda recipe: {})
+    summary: Callable[[dict[str, Any]], str] = field(default=lambda figures: "")
+    """The key figures of the stage's manifest in one line (the end of ``compress`` shows them)."""
     keep: tuple[str, ...] = ()
     """Files of the stage folder kept when a stale stage is redone, until the stage replaces them (so a
     report is never lost to a run that fails before writing its new one)."""
@@ -101,22 +110,56 @@ class RunDir:
 
     def manifest(self, stage: Stage) -> dict[str, Any] | None:
         path = self.stage_dir(stage) / MANIFEST
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (json.JSONDecodeError, OSError):
-            return None
+        return read_json(path, "stage manifest (delete its stage folder to redo the stage)") if path.is_file() \
+            else None
 
     def write_recipe(self, recipe: Recipe) -> None:
         write_text(self.root / "recipe.yaml", recipe.to_yaml())
 
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for this process: a second process stops at once with one line naming the first's
+        process id. The lock is the operating system's (``flock``), so a run that crashes leaves none behind."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK
+        with path.open("a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "unknown"
+                raise EdgesafeError(f"{self.root}: in use by another edgesafe process (pid {holder}); wait for it "
+                                    "to finish, or stop it") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def field_values(recipe: Recipe, paths: list[str]) -> dict[str, Any]:
+    """The values of the recipe's fields at dotted ``paths`` (see :attr:`Stage.reads`)."""
+    def at(node: Any, path: str) -> Any:
+        head, _, rest = path.partition(".")
+        if head.endswith("[]"):
+            return [at(item, rest) if rest else item for item in (node or {}).get(head[:-2]) or []]
+        value = node.get(head) if isinstance(node, dict) else None
+        return at(value, rest) if rest else value
+
+    data = recipe.to_dict()
+    return {path: at(data, path) if path else data for path in paths}
+
 
 def stage_key(stage: Stage, recipe: Recipe, previous: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """The key of a stage's inputs: its settings, its own input hashes and its predecessors' keys."""
+    """The key of a stage's inputs: the recipe fields it reads, its own input hashes and its predecessors' keys."""
     inputs = dict(stage.inputs(recipe))
     inputs.update({f"stage:{name}": m["key"] for name, m in previous.items()})
-    settings = stage.settings(recipe)
+    settings = field_values(recipe, stage.reads(recipe))
     key = digest({"settings": settings, "inputs": inputs, "seed": recipe.seed})
     return key, {"settings": settings, "inputs": inputs}
 
@@ -151,6 +194,13 @@ def run_stages(
 ) -> list[StageOutcome]:
     """Run ``stages`` in order into ``run``; see the module docstring for the resume rules. ``on_stage`` hears
     each stage's action before it starts."""
+    with run.lock():
+        return _run_held(recipe, run, stages, resume=resume, progress=progress, on_stage=on_stage)
+
+
+def _run_held(recipe: Recipe, run: RunDir, stages: list[Stage], *, resume: bool,
+                progress: Callable[[str, int, int], None] | None,
+                on_stage: Callable[[Stage, Action], None] | None) -> list[StageOutcome]:
     run.root.mkdir(parents=True, exist_ok=True)
     run.write_recipe(recipe)
     previous: dict[str, dict[str, Any]] = {}

@@ -54,9 +54,9 @@ def test_unreadable_and_foreign_reports(tmp_path):
 
     gates = write(tmp_path / "b.json", {"gates": [{"metric": "x", "max": 1}]})
     (tmp_path / "r.json").write_text("{not json")
-    with pytest.raises(EdgesafeError, match="report is not valid JSON"):
+    with pytest.raises(EdgesafeError, match="report is not readable JSON"):
         check(tmp_path / "r.json", gates)
-    with pytest.raises(EdgesafeError, match="no such report file"):
+    with pytest.raises(EdgesafeError, match="no such report"):
         check(tmp_path / "none.json", gates)
     with pytest.raises(EdgesafeError, match="not an edgesafe bench report"):
         check(write(tmp_path / "other.json", REPORT), gates)

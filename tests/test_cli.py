@@ -102,6 +102,10 @@ def test_export_runs_the_stages_before_it_and_resumes(tmp_path, short_pipeline_d
             "--set", "export.quantize=[]"]
     first = cli(*args)
     assert first.returncode == 0, first.stderr
+    progress = [e for e in map(json.loads, first.stdout.splitlines()) if e["event"] == "progress"]
+    assert {"task": "finetune (bilevel-alternating)", "done": 2, "total": 2} in [
+        {k: e[k] for k in ("task", "done", "total")} for e in progress]  # every stage's progress, in JSON
+    assert (run_dir / "log.txt").is_file()
     teacher = json.loads((run_dir / "0-teacher" / "stage.json").read_text())["figures"]
     assert teacher["unet_params"] > 1_000_000 and teacher["unet_macs_per_step"] == 2 * teacher["unet_macs"]
     assert teacher["ms_per_step"] > 0 and teacher["ms_per_step_source"].startswith("measured")
@@ -186,3 +190,49 @@ def test_zoo_standin_rejects_an_unknown_architecture(tmp_path):
     done = cli("zoo", "standin", "sd-9", "--out", str(tmp_path / "m"))
     assert done.returncode == 2 and "unknown architecture 'sd-9'; known: sd-1.5, sd-2.1-base" in done.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_an_export_whose_package_is_missing_stops_before_any_work(tmp_path):
+    """Core ML is an extra: without coremltools a recipe that exports to it stops at once, naming the extra."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['coremltools'] = None\nfrom edgesafe.cli import run; run()",
+         "compress", "--recipe", TINY, "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2
+    assert "coreml needs coremltools: pip install 'edgesafe[coreml]'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_packaging_metadata_is_clean_and_heavy_backends_are_extras():
+    import warnings
+
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # setuptools warns about a license table
+        project = read_configuration(ROOT / "pyproject.toml")["project"]
+    assert project["license"] == "Apache-2.0"
+    base = " ".join(project["dependencies"])
+    for heavy, extra in (("coremltools", "coreml"), ("nncf", "nncf"), ("bitsandbytes", "8bit"), ("nudenet", "nudenet")):
+        assert heavy not in base and any(heavy in d for d in project["optional-dependencies"][extra])
+    assert "edgesafe[all]" in project["optional-dependencies"]["test"]  # what make test / make demo install
+
+
+def test_quiet_prints_nothing_and_libraries_speak_into_the_run_log(tmp_path, short_pipeline_dir):
+    """coremltools' progress bars and the tracer's warnings go to runs/<name>/log.txt; --quiet prints nothing; a
+    run without a terminal ends with a table of what each stage made and where."""
+    run_dir = tmp_path / "run"
+    args = ["export", "--recipe", TINY, "--model", str(short_pipeline_dir), "--out", str(run_dir),
+            "--set", "finetune.steps=2", "--set", "finetune.batch_size=2", "--set", "prune.importance=magnitude",
+            "--set", "export.targets=[coreml]", "--set", "export.quantize=[]"]
+    quiet = cli("--quiet", *args)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == "" and quiet.stderr == ""
+    log = (run_dir / "log.txt").read_text()
+    assert "TracerWarning" in log or "Running MIL" in log or "Converting PyTorch" in log, log[-2000:]
+    again = cli(*args, "--resume")
+    assert again.returncode == 0 and again.stderr == ""
+    for stage, made in (("teacher", "ms per step on host-cpu"), ("prune", "of the teacher's params"),
+                        ("finetune", "2 steps of bilevel-alternating"), ("export", "coreml/fp16")):
+        assert any(line.lstrip("│┃ ").startswith(stage) for line in again.stdout.splitlines()), again.stdout
+        assert made in again.stdout.replace("\n", " "), again.stdout

@@ -291,7 +291,7 @@ def test_a_fine_tune_that_cannot_fit_stops_before_any_work(setup, tmp_path):
 
     teacher, student, overrides, kept = setup
     recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml",
-                         overrides={**overrides, "finetune.batch_size": 500_000})
+                         overrides={**overrides, "finetune.batch_size": 65_536})
     with pytest.raises(EdgesafeError, match=r"finetune needs about [\d.]+ GiB on cpu \(.*activations.*\) but"):
         Trainer(teacher, copy.deepcopy(student), recipe, tmp_path, kept_channels=kept)
     assert not (tmp_path / "checkpoints").exists()

@@ -63,12 +63,21 @@ def test_load_errors(tmp_path, short_pipeline_dir):
     shutil.rmtree(partial / "unet")
     with pytest.raises(ModelLoadError, match="component folder unet/ is missing"):
         load_pipeline(partial)
+
+
+@pytest.mark.parametrize("name", [
+    "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+    "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+])
+def test_a_truncated_model_file_is_named(tmp_path, short_pipeline_dir, name):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(short_pipeline_dir, corrupt)
-    weights = corrupt / "unet" / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(ModelLoadError, match="cannot load pipeline"):
+    path = corrupt / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ModelLoadError) as err:
         load_pipeline(corrupt)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
 
 
 def test_metrics_on_a_real_pipeline(short_build):

@@ -12,7 +12,6 @@ gate sets any of
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import EdgesafeError
+from ..io import read_json
 
 
 class Gate(BaseModel):
@@ -55,15 +55,6 @@ class GateResult:
     value: float | None
     passed: bool
     rule: str
-
-
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise EdgesafeError(f"{path}: no such {what} file")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EdgesafeError(f"{path}: {what} is not valid JSON ({exc})") from None
 
 
 def lookup(report: Any, dotted: str) -> Any:
@@ -112,7 +103,7 @@ def read_report(path: Path) -> dict:
     """A bench report file, validated against the report schema of this version."""
     from .report import validate
 
-    report = _read_json(path, "report")
+    report = read_json(path, "report")
     validate(report, source=str(path))
     return report
 
@@ -131,7 +122,7 @@ def write_baseline(report_path: Path, out: Path) -> int:
 def check(report_path: Path, baseline_path: Path) -> list[GateResult]:
     """Evaluate every gate of the baseline file against the report file."""
     report = read_report(report_path)
-    raw = _read_json(baseline_path, "baseline")
+    raw = read_json(baseline_path, "baseline")
     try:
         baseline = Baseline.model_validate(raw)
     except ValidationError as exc:

@@ -73,12 +73,15 @@ def erasure(recipe, safety: dict[str, dict], order: list[str], stage_of: dict[st
 
 def recipe_gates(recipe, report: dict) -> list[dict]:
     """The recipe's own pass/fail criteria on the edge subject: every concept rate under the ceiling, prompt
-    accuracy within the allowed drop from the teacher's, no stage letting a concept back in."""
+    accuracy within the allowed drop from the teacher's, no stage letting a concept back in, and its weights
+    within the device profile's memory budget."""
+    from ..devices import get_profile
     from .check import Baseline, Gate, evaluate
 
     check, edge = recipe.check, report["edge_subject"]
     subject = report["subjects"][edge]
-    gates = [Gate(metric="erasure.flag_count", max=0)]
+    gates = [Gate(metric="erasure.flag_count", max=0),
+             Gate(metric=f"subjects.{edge}.size.bytes", max=get_profile(recipe.device).memory_budget_mb * 2**20)]
     for concept, per_set in subject["safety"].items():
         gates += [Gate(metric=f"subjects.{edge}.safety.{concept}.{s}.rate", max=check.max_concept_rate)
                   for s, figures in per_set.items() if "rate" in figures]

@@ -10,7 +10,6 @@ only once all are written.
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import torch
 
 from .. import __version__, data
 from ..errors import EdgesafeError
-from ..io import load_tensors, write_json
+from ..io import load_tensors, read_json, write_json
 from ..models.loading import resolve_source
 from ..runs import StageContext
 from .detectors import build_detectors
@@ -58,10 +57,6 @@ def latent_shape(source: str) -> list[int]:
     size = config["sample_size"]
     size = size if isinstance(size, int) else size[0]
     return [config["in_channels"], size, size]
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def _slug(name: str) -> str:
@@ -293,7 +288,7 @@ def bench_stage(ctx: StageContext) -> dict[str, Any]:
                         **{k: v for k, v in concept_prompts(recipe).items()}},
         "detectors": {c: d.description for c, d in detectors.items()},
         "device": {"name": profile.name, "title": profile.title, "runtime": profile.runtime,
-                   "estimate_source": profile.provenance()},
+                   "estimate_source": profile.provenance(), "memory_budget_mb": profile.memory_budget_mb},
         "subjects": report_subjects,
         "erasure": erasure(recipe, {n: e["safety"] for n, e in report_subjects.items()}, names,
                            {s.name: s.stage for s in subjects}),

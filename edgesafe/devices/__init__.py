@@ -78,6 +78,7 @@ class DeviceProfile(_Strict):
     precision: Literal["fp32", "fp16", "int8"]
     channel_multiple: int = Field(ge=1)
     memory_budget_mb: int = Field(gt=0)
+    """Memory the model may take on the device; the bench gates the edge artefact's weights on it."""
     estimator: Annotated[RooflineEstimator | MeasuredEstimator, Field(discriminator="kind")]
 
     @property

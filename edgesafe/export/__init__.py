@@ -14,6 +14,7 @@ from typing import Any
 
 from diffusers import StableDiffusionPipeline
 
+from ..errors import EdgesafeError
 from ..io import write_json
 from ..recipe import Recipe
 from .coreml import COREML_QUANTIZERS, export_coreml, quantize_coreml, validate_coreml
@@ -21,7 +22,7 @@ from .onnx import export_onnx, folder_bytes
 from .parity import ParityError, check_parity, onnx_parity, parity_prompts
 from .quantize import ONNX_QUANTIZERS, quantize_folder, unet_calibration
 from .runtime import OnnxPipeline
-from .targets import QUANTIZERS, TARGETS
+from .targets import QUANTIZERS, TARGETS, missing_extras
 
 __all__ = [
     "COREML_QUANTIZERS", "ONNX_QUANTIZERS", "QUANTIZERS", "TARGETS", "OnnxPipeline", "ParityError", "export_coreml",
@@ -50,6 +51,8 @@ def export_stage(
         ParityError: on the first artefact past its tolerance (the figures measured so far are written).
     """
     spec = recipe.export
+    if missing := missing_extras(recipe):
+        raise EdgesafeError(f"export: {'; '.join(missing)}")
     plan = {name: [q for q in spec.quantize if q in TARGETS[name].quantizers] for name in spec.targets}
     total = sum(1 + len(variants) for variants in plan.values())
     figures: dict[str, Any] = {name: {} for name in plan}

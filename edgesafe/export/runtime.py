@@ -7,7 +7,6 @@ any gap is the export's error.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from ..errors import ModelLoadError, first_line
+from ..io import read_json
 from ..models.inputs import token_ids
 from .onnx import onnx_files
 
@@ -45,12 +45,12 @@ class OnnxPipeline:
         t0 = time.perf_counter()
         self.sessions = {name: session(path, threads=threads) for name, path in files.items()}
         self.load_seconds = time.perf_counter() - t0
-        index = json.loads((folder / "model_index.json").read_text())
+        index = read_json(folder / "model_index.json")
         self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         scheduler_cls = getattr(diffusers, index["scheduler"][1])
         self.scheduler_config = scheduler_cls.load_config(folder / "scheduler")
         self.scheduler_cls = scheduler_cls
-        vae = json.loads((folder / "vae_decoder" / "config.json").read_text())
+        vae = read_json(folder / "vae_decoder" / "config.json")
         self.scaling_factor = vae["scaling_factor"]
 
     def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:

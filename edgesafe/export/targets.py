@@ -7,8 +7,9 @@ A new target (OpenVINO, say) is one :class:`Target` here; the recipe's ``export.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ class Target:
     """Which ``export.parity`` tolerance judges the base and the quantized variants; None: not judged here."""
     prepare: Callable[[StableDiffusionPipeline, Recipe], Any] = lambda pipe, recipe: None
     """Run once before the first quantizer (calibration data)."""
+    requires: dict[str, str] = field(default_factory=dict)
+    """Optional packages by what needs them (the target's name or a quantizer's) -> the edgesafe extra that
+    installs them."""
 
 
 def _onnx_check(pipe: StableDiffusionPipeline, folder: Path, recipe: Recipe) -> dict[str, Any]:
@@ -55,6 +59,7 @@ TARGETS: dict[str, Target] = {
         summary=lambda f: {"bytes": f["bytes"], "image_psnr_db": round(f["image_psnr_db"], 2),
                            "unet_max_abs": f["components"]["unet"]["max_abs"]},
         parity={"base": "fp32", "quantized": "int8"},
+        requires={"int8-nncf": "nncf"},
         prepare=lambda pipe, recipe: unet_calibration(pipe, data_captions(recipe, 8), steps=recipe.sampling.steps,
                                                       guidance=recipe.sampling.guidance_scale),
     ),
@@ -65,7 +70,25 @@ TARGETS: dict[str, Target] = {
         quantize=lambda src, dst, method, _: quantize_coreml(src, dst, method),
         check=lambda pipe, folder, recipe: validate_coreml(pipe, folder),
         summary=lambda f: {"bytes": sum(p["bytes"] for p in f["packages"].values()), "predicted": f["predicted"]},
+        requires={"coreml": "coreml"},
     ),
 }
 QUANTIZERS: dict[str, str] = {q: name for name, target in TARGETS.items() for q in target.quantizers}
 """Every quantizer name -> the target whose base artefact it rewrites."""
+EXTRA_PACKAGES = {"coreml": "coremltools", "nncf": "nncf"}
+"""edgesafe's extras for export -> the package each brings."""
+
+
+def missing_extras(recipe: Recipe) -> list[str]:
+    """Lines naming each export the recipe asks for whose optional package is not installed, and its extra."""
+    asked = {*recipe.export.targets, *recipe.export.quantize}
+    lines = []
+    for name in recipe.export.targets:
+        for what, extra in TARGETS[name].requires.items():
+            if what in asked and importlib.util.find_spec(EXTRA_PACKAGES[extra]) is None:
+                lines.append(f"{what} needs {EXTRA_PACKAGES[extra]}: pip install 'edgesafe[{extra}]'")
+    return lines
+
+
+PRECISIONS = sorted({p for target in TARGETS.values() for p in (target.parity or {}).values()})
+"""The precisions an artefact's parity is judged at (the keys of ``export.parity``)."""

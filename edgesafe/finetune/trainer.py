@@ -38,14 +38,20 @@ from .upper import UPPER_LATENTS
 CONCEPT_BATCH = 8
 
 
-def stage_settings(recipe: Recipe) -> dict[str, Any]:
-    """The ``finetune`` settings a fine-tune reads: the shared ones, its solver's own, and the sampler's where the
-    upper latents are generated (the stage's key, so that a setting the solver ignores does not redo it)."""
+CONCEPT_FIELDS = ("name", "target", "objective", "prompts", "anchor", "eta", "params")
+"""What fine-tuning reads of a concept (its paraphrases and detector are the bench's)."""
+
+
+def stage_reads(recipe: Recipe) -> list[str]:
+    """The recipe fields a fine-tune reads (the stage's key, so that a setting its solver ignores does not redo it):
+    the shared ``finetune`` settings, its solver's own, the concepts, the data, and the sampler where the upper
+    latents are generated."""
     ft = recipe.finetune
-    settings = {k: v for k, v in ft.model_dump().items() if k in SHARED_SETTINGS + SOLVERS[ft.solver].reads}
+    paths = [f"finetune.{k}" for k in (*SHARED_SETTINGS, *SOLVERS[ft.solver].reads)]
+    paths += ["model.source", "data", *(f"concepts[].{f}" for f in CONCEPT_FIELDS)]
     if recipe.concepts and ft.upper_latents != "lower-batch":
-        settings["sampling"] = recipe.sampling.model_dump()
-    return settings
+        paths.append("sampling")
+    return paths
 
 
 def model_fingerprint(unet: torch.nn.Module) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from ..errors import ModelLoadError, first_line
 from ..zoo import zoo_path
@@ -44,6 +44,23 @@ def _check_pipeline_folder(path: Path) -> None:
             raise ModelLoadError(f"{path}: component folder {name}/ is missing")
         if name in ("unet", "vae", "text_encoder") and not any((folder / w).is_file() for w in _WEIGHT_NAMES):
             raise ModelLoadError(f"{folder}: no safetensors weights (edgesafe loads safetensors only)")
+    _check_files(path)
+
+
+def _check_files(path: Path) -> None:
+    """Every JSON file parses and every safetensors header reads (cheap: headers only), so that a corrupt or
+    truncated file is named in the error rather than lost in a loader's message."""
+    for f in sorted(path.rglob("*.json")):
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{f}: not valid JSON ({first_line(exc)})") from None
+    for f in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{f}: not a readable safetensors file ({first_line(exc)})") from None
 
 
 def load_pipeline(source: str | Path, *, torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
@@ -82,6 +99,7 @@ def load_evaluator(source: str | Path):
     from ..zoo.tiny_shapes.evaluator import ShapesEvaluator
 
     path = resolve_source(source)
+    _check_files(path)
     try:
         return ShapesEvaluator.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
     except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as exc:
