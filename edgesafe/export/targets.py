@@ -24,6 +24,8 @@ from .quantize import ONNX_QUANTIZERS, quantize_folder, unet_calibration
 
 @dataclass(frozen=True)
 class Target:
+    """One export target: what a plug-in author provides to add one (OpenVINO, say)."""
+
     base: str
     """The variant name of the unquantized artefact (its folder under the target's)."""
     export: Callable[[StableDiffusionPipeline, Path, Recipe], Path]
