@@ -2,10 +2,11 @@
 
 A run folder holds the resolved recipe and one sub-folder per stage, each with a ``stage.json``
 manifest: its status (``running`` or ``complete``), the key of its inputs (the recipe fields it reads,
-fingerprints of the files it reads, the keys of the stages before it), figures and wall time. What ``compress`` does with each stage is one of :data:`ACTIONS`:
-with ``--resume`` it skips a stage whose manifest is complete with the same key, resumes one that was
-interrupted with the same key (the stage continues from its own checkpoints), and runs one that is
-missing or stale. Manifests are written atomically; a stage is complete only once its manifest says so.
+fingerprints of the files it reads, the keys of the stages before it), figures and wall time. What
+``compress`` does with each stage is one of :data:`ACTIONS`: with ``--resume`` it skips a stage whose
+manifest is complete with the same key, resumes one that was interrupted with the same key (the stage
+continues from its own checkpoints), and runs one that is missing or stale. Manifests are written
+atomically; a stage is complete only once its manifest says so.
 """
 
 from __future__ import annotations
