@@ -21,7 +21,7 @@ import edgesafe
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "torch-pruning", "onnx", "onnxruntime",
-            "coremltools", "nncf")
+            "coremltools", "nncf", "openvino")
 
 
 def provenance() -> dict:

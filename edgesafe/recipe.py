@@ -295,6 +295,10 @@ class ExportSpec(_Section):
     target's artefacts are compared at; Core ML packages predict only on macOS and are validated as specs). A
     precision the recipe leaves out keeps its default."""
 
+    mixed_psnr_db: float = Field(default=30.0, gt=0, le=200)
+    """The image PSNR against the fp32 export that ``int8-mixed`` keeps (it leaves the fewest layers in fp32 that
+    reach it)."""
+
     @field_validator("parity")
     @classmethod
     def _defaults_kept(cls, parity: dict[str, Tolerance]) -> dict[str, Tolerance]:

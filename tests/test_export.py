@@ -25,7 +25,7 @@ from edgesafe.export import (
 )
 from edgesafe.export.onnx import export_component, latent_shape
 from edgesafe.export.parity import check_parity, component_parity, generate_pair, psnr_db
-from edgesafe.export.quantize import unet_calibration, weight_only_int8
+from edgesafe.export.quantize import QuantizeInputs, int8_scheme, unet_calibration, weight_only_int8
 from edgesafe.export.runtime import session
 from edgesafe.models.inputs import unet_example_inputs
 from edgesafe.models.loading import load_pipeline
@@ -61,7 +61,9 @@ def onnx_dir(pipe, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibration(pipe):
-    return unet_calibration(pipe, ["a red circle on a plain background", "a blue square with stripes"], steps=4)
+    prompts = ["a red circle on a plain background", "a blue square with stripes"]
+    # a mixed-precision target the all-INT8 UNet meets: the search itself is tested on a fragile UNet below
+    return QuantizeInputs(unet_calibration(pipe, prompts, steps=4), prompts, 6, 5.0, 20.0)
 
 
 def _ops(path) -> set[str]:
@@ -118,18 +120,46 @@ def test_external_data_format_loads(pipe, tmp_path):
 
 
 @pytest.mark.parametrize("method", sorted(ONNX_QUANTIZERS))
-def test_each_onnx_quantizer_shrinks_the_unet_and_keeps_the_image(pipe, onnx_dir, calibration, method, tmp_path):
+def test_each_onnx_variant_keeps_the_image(pipe, onnx_dir, calibration, method, tmp_path):
     out = quantize_folder(onnx_dir, tmp_path / method, method, calibration)
+    figures = onnx_parity(pipe, out, PROMPTS, steps=6)
+    if method == "fp32-optimized":  # fused, still fp32
+        assert {"MultiHeadAttention", "SkipLayerNormalization"} <= _ops(out / "unet" / "model.onnx")
+        assert "SkipLayerNormalization" in _ops(out / "text_encoder" / "model.onnx")
+        assert figures["components"]["unet"]["max_abs"] < 1e-4 and figures["image_psnr_db"] > 60
+        return
     fp32_bytes = (onnx_dir / "unet" / "model.onnx").stat().st_size
     assert (out / "unet" / "model.onnx").stat().st_size < 0.5 * fp32_bytes
     ops = _ops(out / "unet" / "model.onnx")
-    assert ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"}
+    assert ops & {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QuantizeLinear", "DequantizeLinear"}
+    if method in ("int8-ort-static", "int8-mixed", "int8-hybrid"):  # the CPU's scheme: INT8 kernels, not QDQ
+        assert {"QLinearConv", "QLinearMatMul"} <= ops
     if method == "int8-hybrid":
         assert "DequantizeLinear" in _ops(out / "text_encoder" / "model.onnx")
         assert (out / "vae_decoder" / "model.onnx").stat().st_size < 0.5 * (
             onnx_dir / "vae_decoder" / "model.onnx").stat().st_size
-    figures = onnx_parity(pipe, out, PROMPTS, steps=6)
     assert 12 < figures["image_psnr_db"] < 100  # changed, yet still the same picture
+
+
+def test_static_int8_keeps_the_first_and_last_convolutions_time_embedding_and_attention_scores_in_fp32(
+        onnx_dir, calibration, tmp_path):
+    model = onnx.load(str(quantize_folder(onnx_dir, tmp_path / "s", "int8-ort-static", calibration)
+                          / "unet" / "model.onnx"))
+    by_name = {n.name: n.op_type for n in model.graph.node}
+    assert by_name["/unet/conv_in/Conv"] == by_name["/unet/conv_out/Conv"] == "Conv"
+    assert by_name["/unet/time_embedding/linear_1/Gemm"] == "Gemm"
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]  # scores and values: no constant operand
+    constants = {t.name for t in model.graph.initializer}
+    assert matmuls and not any(n.input[1] in constants for n in matmuls)
+    assert "Softmax" in by_name.values() and not any(op.startswith("QLinearSoftmax") for op in by_name.values())
+
+
+def test_the_int8_scheme_follows_the_cpu():
+    assert int8_scheme("x86_64", {"avx2", "avx512f", "avx512_vnni"}).reduce_range is False
+    no_vnni = int8_scheme("x86_64", {"avx2", "avx512f"})
+    assert no_vnni.reduce_range is True and "without VNNI" in no_vnni.reason
+    assert int8_scheme("aarch64", {"asimd", "asimddp"}).reduce_range is False
+    assert int8_scheme().quant_format == "QOperator"
 
 
 def test_static_calibration_one_feed_at_a_time_gives_the_ranges_of_all_at_once(onnx_dir, calibration, tmp_path):
@@ -137,14 +167,17 @@ def test_static_calibration_one_feed_at_a_time_gives_the_ranges_of_all_at_once(o
     must be those of holding every feed at once."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from edgesafe.export.quantize import OPS, _prepared, _Reader, quantize_folder
+    from edgesafe.export.quantize import OPS, _Reader, always_fp32, prepared, quantize_static_unet
 
-    strided = quantize_folder(onnx_dir, tmp_path / "strided", "int8-ort-static", calibration) / "unet" / "model.onnx"
+    src = prepared(onnx_dir / "unet" / "model.onnx", tmp_path)
+    strided = quantize_static_unet(src, tmp_path / "strided.onnx", calibration.calibration)
     whole = tmp_path / "whole.onnx"
-    quantize_static(str(_prepared(onnx_dir / "unet" / "model.onnx", tmp_path)), str(whole), _Reader(calibration),
-                    quant_format=QuantFormat.QDQ, op_types_to_quantize=OPS, per_channel=True,
+    scheme = int8_scheme()
+    quantize_static(str(src), str(whole), _Reader(calibration.calibration), quant_format=QuantFormat.QOperator,
+                    op_types_to_quantize=OPS, per_channel=True, reduce_range=scheme.reduce_range,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, extra_options={"ActivationSymmetric": False})
+                    nodes_to_exclude=always_fp32(onnx.load(str(src))), calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": False, "MatMulConstBOnly": True})
 
     def scales(path):
         return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
@@ -153,6 +186,61 @@ def test_static_calibration_one_feed_at_a_time_gives_the_ranges_of_all_at_once(o
     a, b = scales(strided), scales(whole)
     assert len(a) > 100 and a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _fragile_pipeline():
+    """The tiny-shapes text encoder and VAE with a small UNet in which one layer cannot take INT8: the input of
+    the first block's feed-forward projection has one channel 1000x the rest (its LayerNorm scaled up, the
+    projection's weights scaled down: the same function in fp32), so quantizing that activation to 8 bits
+    zeroes every other channel; the block's output is amplified so that the loss shows in the image."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = load_pipeline("zoo:tiny-shapes")
+    c = pipe.unet.config
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(
+        sample_size=c.sample_size, in_channels=c.in_channels, out_channels=c.out_channels,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=c.cross_attention_dim,
+        attention_head_dim=8, norm_num_groups=8).eval()
+    block = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    with torch.no_grad():
+        block.norm3.weight[3] *= 1000
+        block.norm3.bias[3] *= 1000
+        block.ff.net[0].proj.weight[:, 3] /= 1000
+        block.ff.net[2].weight *= 20
+    return pipe
+
+
+def test_the_mixed_search_keeps_the_fragile_layer_in_fp32_and_no_more_than_it_needs(tmp_path):
+    from edgesafe.export.sensitivity import ANALYSIS
+
+    pipe = _fragile_pipeline()
+    fp32 = export_onnx(pipe, tmp_path / "fp32")
+    prompts = ["a red circle on a plain background", "a blue square with stripes"]
+    inputs = QuantizeInputs(unet_calibration(pipe, prompts, steps=4), prompts, 4, 5.0, 25.0)
+    out = quantize_folder(fp32, tmp_path / "mixed", "int8-mixed", inputs)
+    analysis = json.loads((out / "unet" / ANALYSIS).read_text())
+    fragile = "/unet/down_blocks.0/attentions.0/transformer_blocks.0/ff/net.0/proj/MatMul"
+    assert analysis["layers"][0]["name"] == fragile  # ranked most sensitive
+    assert analysis["all_int8_psnr_db"] < 25 <= analysis["psnr_db"]
+    keep = len(analysis["kept_fp32"])
+    assert analysis["kept_fp32"][0] == fragile and analysis["searched"][str(keep - 1)] < 25  # one fewer misses
+    nodes = {n.name: n.op_type for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node}
+    assert nodes[fragile] == "MatMul" and "QLinearMatMul" in nodes.values()
+    runner = OnnxPipeline(out)
+    latents = torch.randn(latent_shape(pipe, 2), generator=torch.Generator().manual_seed(0)).numpy()
+    reference = OnnxPipeline(fp32)(prompts, latents=latents, num_inference_steps=4)
+    assert psnr_db(reference, runner(prompts, latents=latents, num_inference_steps=4)) >= 25
+    # made again over its folder with a new target: the ranking is reused, only the search runs
+    again = json.loads((quantize_folder(fp32, out, "int8-mixed", QuantizeInputs(
+        inputs.calibration, prompts, 4, 5.0, 30.0)) / "unet" / ANALYSIS).read_text())
+    assert again["reused_ranking"] and again["layers"] == analysis["layers"]
+    assert again["evaluations"] < 10 and len(again["kept_fp32"]) >= keep and again["psnr_db"] >= 30
+    with pytest.raises(EdgesafeError, match=r"int8-mixed: no mix reaches 150 dB against fp32; with only the least "
+                                            r"sensitive layer \(.+\) in INT8 the images are at [\d.]+ dB"):
+        quantize_folder(fp32, out, "int8-mixed", QuantizeInputs(inputs.calibration, prompts, 4, 5.0, 150.0))
+    assert json.loads((out / "unet" / ANALYSIS).read_text())["target_psnr_db"] == 30  # the last good one stays
 
 
 def test_weight_only_int8_dequantizes_to_the_weights():
@@ -296,3 +384,28 @@ def test_coreml_weights_of_another_model_are_refused(coreml_dir, tmp_path):
     out = quantize_coreml(coreml_dir, tmp_path / "pal6", "coreml-palettize6")
     with pytest.raises(EdgesafeError, match="matches no parameter of the unet"):
         load_coreml_weights(pipe, out)
+
+
+def test_openvino_round_trip_matches_pytorch_and_its_int8_variant_runs(pipe, calibration, tmp_path):
+    from edgesafe.bench.subjects import SUBJECT_KINDS, Subject
+    from edgesafe.export.openvino import OpenVinoPipeline, export_openvino, quantize_openvino
+    from edgesafe.export.parity import pipeline_parity
+
+    base = export_openvino(pipe, tmp_path / "fp32")
+    for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):  # optimum-intel's layout
+        assert {p.name for p in (base / name).iterdir()} == {"openvino_model.xml", "openvino_model.bin", "config.json"}
+    assert (base / "model_index.json").is_file() and (base / "tokenizer").is_dir()
+    figures = pipeline_parity(pipe, OpenVinoPipeline(base), PROMPTS, steps=6)
+    assert all(e["max_abs"] < 1e-3 for e in figures["components"].values()), figures["components"]
+    assert figures["image_psnr_db"] > 60
+    int8 = quantize_openvino(base, tmp_path / "openvino-int8", "openvino-int8", calibration)
+    weights = "unet/openvino_model.bin"
+    assert (int8 / weights).stat().st_size < 0.4 * (base / weights).stat().st_size
+    assert 12 < pipeline_parity(pipe, OpenVinoPipeline(int8), PROMPTS, steps=6)["image_psnr_db"] < 100
+    runner = SUBJECT_KINDS["openvino"].runner(Subject("openvino/openvino-int8", "openvino", str(int8), "export", "x"))
+    latents = np.zeros(latent_shape(pipe, 1), np.float32)
+    times = runner.time_components("a red star", latents, steps=2, guidance=5.0, repeats=1)
+    assert set(times) == {"text_encoder", "unet_step", "vae_decode", "end_to_end"}
+    (int8 / "unet" / "openvino_model.xml").unlink()
+    with pytest.raises(ModelLoadError, match="not an exported OpenVINO pipeline \\(missing unet\\)"):
+        OpenVinoPipeline(int8)

@@ -44,7 +44,7 @@ def validate(report: Any, *, source: str = "report") -> None:
 def edge_subject(subjects: list[str], runtime: str) -> str:
     """The artefact the recipe's device runs: the last (most compressed) export variant of its runtime,
     else the fine-tuned student."""
-    prefix = {"coreml": "coreml/", "onnxruntime": "onnx/"}.get(runtime, "onnx/")
+    prefix = {"coreml": "coreml/", "onnxruntime": "onnx/", "openvino": "openvino/"}.get(runtime, "onnx/")
     exported = [s for s in subjects if s.startswith(prefix)]
     return exported[-1] if exported else "finetuned"
 

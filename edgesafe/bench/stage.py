@@ -185,18 +185,17 @@ def _cpu_name() -> str:
 
 
 def _parity(export_dir: Path, subject: Subject, recipe) -> dict | None:
-    """An ONNX subject's parity figures from the export stage, with the tolerance its precision had."""
-    path = export_dir / "parity.json"
-    if subject.kind != "onnx" or not path.is_file():
-        return None
-    variant = subject.name.split("/", 1)[1]
-    figures = read_json(path).get("onnx", {}).get(variant)
-    if not figures:
-        return None
+    """An exported subject's parity figures from the export stage, with the tolerance its precision had (None
+    where its target's artefacts are not judged against PyTorch here)."""
     from ..export.targets import TARGETS
 
-    onnx = TARGETS["onnx"]
-    tolerance = recipe.export.parity[onnx.parity["base" if variant == onnx.base else "quantized"]]
+    path = export_dir / "parity.json"
+    target, _, variant = subject.name.partition("/")
+    precision = TARGETS[target].precisions.get(variant) if target in TARGETS else None
+    figures = read_json(path).get(target, {}).get(variant) if precision and path.is_file() else None
+    if not figures:
+        return None
+    tolerance = recipe.export.parity[precision]
     return {"image_psnr_db": round(figures["image_psnr_db"], 3),
             "unet_max_abs": figures["components"]["unet"]["max_abs"], "tolerance_psnr_db": tolerance.psnr_db}
 

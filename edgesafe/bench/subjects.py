@@ -3,6 +3,7 @@ artefact, each a :class:`Subject` of a kind from :data:`SUBJECT_KINDS`:
 
 - ``pytorch``: a diffusers pipeline folder, run by diffusers;
 - ``onnx``: an exported ONNX folder, run by onnxruntime (CPU);
+- ``openvino``: an exported OpenVINO folder, run by the OpenVINO runtime (CPU);
 - ``coreml-weights``: a Core ML export's weights, decompressed into the fine-tuned PyTorch student, so
   its quality and safety are measured on any OS; its latency is the device runner's to measure
   (Core ML predicts only on macOS).
@@ -28,7 +29,7 @@ from ..models.inputs import token_ids
 @dataclass(frozen=True)
 class Subject:
     name: str
-    """Unique in a report: ``teacher``, ``pruned``, ``finetuned``, ``onnx/<variant>``, ``coreml/<variant>``."""
+    """Unique in a report: ``teacher``, ``pruned``, ``finetuned``, ``<export target>/<variant>``."""
     kind: str
     path: str
     stage: str
@@ -87,16 +88,14 @@ class TorchRunner:
         return out.float().clamp(0, 1)
 
 
-class OnnxRunner:
-    """An exported ONNX folder in onnxruntime sessions (CPU)."""
+class ExportedRunner:
+    """An exported folder in its runtime's sessions (:class:`edgesafe.export.runtime.ExportedPipeline`)."""
 
     timed = True
 
-    def __init__(self, subject: Subject):
-        from ..export.runtime import OnnxPipeline
-
+    def __init__(self, subject: Subject, pipeline: Callable[[Path], Any]):
         t0 = time.perf_counter()
-        self.runner = OnnxPipeline(Path(subject.path))
+        self.runner = pipeline(Path(subject.path))
         self.load_seconds = time.perf_counter() - t0
 
     def time_components(self, prompt: str, latents: np.ndarray, *, steps: int, guidance: float,
@@ -116,6 +115,18 @@ class OnnxRunner:
     def generate(self, prompts: list[str], latents: np.ndarray, *, steps: int, guidance: float) -> torch.Tensor:
         images = self.runner(prompts, latents=latents, num_inference_steps=steps, guidance_scale=guidance)
         return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float()
+
+
+def _onnx(subject: Subject) -> ExportedRunner:
+    from ..export.runtime import OnnxPipeline
+
+    return ExportedRunner(subject, OnnxPipeline)
+
+
+def _openvino(subject: Subject) -> ExportedRunner:
+    from ..export.openvino import OpenVinoPipeline
+
+    return ExportedRunner(subject, OpenVinoPipeline)
 
 
 class CoremlWeightsRunner(TorchRunner):
@@ -143,7 +154,8 @@ class SubjectKind:
 
 SUBJECT_KINDS: dict[str, SubjectKind] = {
     "pytorch": SubjectKind(TorchRunner),
-    "onnx": SubjectKind(OnnxRunner),
+    "onnx": SubjectKind(_onnx),
+    "openvino": SubjectKind(_openvino),
     "coreml-weights": SubjectKind(
         CoremlWeightsRunner,
         "Core ML predicts only on macOS: weights measured in PyTorch for quality and safety; latency is the "
@@ -163,13 +175,14 @@ def discover(run_root: Path, teacher_source: str, manifests: dict[str, dict]) ->
         Subject("pruned", "pytorch", str(run_root / "1-prune"), "prune", "pruned student before fine-tuning (PyTorch)"),
         Subject("finetuned", "pytorch", str(finetuned), "finetune", "fine-tuned student (PyTorch)"),
     ]
-    figures = export.get("figures", {})
-    for variant in figures.get("onnx", {}):
-        subjects.append(Subject(f"onnx/{variant}", "onnx", str(run_root / "3-export" / "onnx" / variant),
-                                "export", f"ONNX {variant} (onnxruntime CPU)"))
-    for variant in figures.get("coreml", {}):
-        subjects.append(Subject(f"coreml/{variant}", "coreml-weights", str(run_root / "3-export" / "coreml" / variant),
-                                "export", f"Core ML {variant} weights (in PyTorch)", base=str(finetuned)))
+    from ..export.targets import TARGETS
+
+    for target, variants in export.get("figures", {}).items():
+        kind, label = TARGETS[target].subject_kind, TARGETS[target].subject_label
+        for variant in variants:
+            path = run_root / "3-export" / target / variant
+            subjects.append(Subject(f"{target}/{variant}", kind, str(path), "export", label.format(variant=variant),
+                                    base=str(finetuned) if kind == "coreml-weights" else None))
     for s in subjects[1:]:
         if not Path(s.path).exists():
             raise EdgesafeError(f"{s.path}: the {s.label} is missing from the run folder")

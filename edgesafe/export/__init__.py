@@ -1,9 +1,9 @@
-"""Export a pipeline to ONNX (optimum's layout) and Core ML (apple/ml-stable-diffusion's layout),
-quantize it, and check every artefact's parity against PyTorch.
+"""Export a pipeline to ONNX (optimum's layout), OpenVINO (optimum-intel's layout) and Core ML
+(apple/ml-stable-diffusion's layout), derive its variants, and check every artefact's parity against PyTorch.
 
-:func:`export_stage` is the ``export`` stage of ``compress``: it writes ``onnx/fp32``,
-``onnx/<quantizer>``, ``coreml/fp16`` and ``coreml/<quantizer>`` under the stage folder and
-returns per-artefact figures (sizes, component errors, image PSNR, Core ML specs).
+:func:`export_stage` is the ``export`` stage of ``compress``: it writes ``<target>/<base>`` (``onnx/fp32``,
+``openvino/fp32``, ``coreml/fp16``) and ``<target>/<variant>`` under the stage folder and returns per-artefact
+figures (sizes, component errors, image PSNR, Core ML specs).
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def export_stage(
     for name, variants in plan.items():
         target = TARGETS[name]
         base = target.export(pipe, folder / name / target.base, recipe)
-        record(name, target.base, target.check(pipe, base, recipe), target.parity and target.parity["base"])
+        record(name, target.base, target.check(pipe, base, recipe), target.precisions.get(target.base))
         prepared = target.prepare(pipe, recipe) if variants else None
         for method in variants:
             out = target.quantize(base, folder / name / method, method, prepared)
-            record(name, method, target.check(pipe, out, recipe), target.parity and target.parity["quantized"])
+            record(name, method, target.check(pipe, out, recipe), target.precisions.get(method))
     return {name: {v: TARGETS[name].summary(f) for v, f in per.items()} for name, per in figures.items()}

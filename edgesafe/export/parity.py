@@ -1,4 +1,4 @@
-"""Parity of an exported ONNX folder against the PyTorch pipeline it came from.
+"""Parity of an exported folder (ONNX, OpenVINO) against the PyTorch pipeline it came from.
 
 Per component: max-abs and relative error of its first output on fixed inputs (prompts the model is meant
 for, seeded latents). End to end: PSNR of the images generated from the same prompts and initial latents.
@@ -18,8 +18,8 @@ from ..data import Batches
 from ..errors import EdgesafeError
 from ..models.inputs import seeded_normal, token_ids
 from ..recipe import Recipe, Tolerance
-from .onnx import image_shape, latent_shape, onnx_files
-from .runtime import OnnxPipeline
+from .onnx import image_shape, latent_shape
+from .runtime import ExportedPipeline, OnnxPipeline
 
 
 class ParityError(EdgesafeError):
@@ -70,7 +70,7 @@ def _torch_output(pipe: StableDiffusionPipeline, name: str, feeds: dict[str, tor
     return pipe.vae.encode(feeds["sample"]).latent_dist.parameters.numpy()
 
 
-def component_parity(pipe: StableDiffusionPipeline, runner: OnnxPipeline,
+def component_parity(pipe: StableDiffusionPipeline, runner: ExportedPipeline,
                      prompts: list[str]) -> dict[str, dict[str, float]]:
     """``{component: {max_abs, rel}}``: rel is max-abs over the reference's largest magnitude."""
     inputs = reference_inputs(pipe, prompts)
@@ -84,7 +84,7 @@ def component_parity(pipe: StableDiffusionPipeline, runner: OnnxPipeline,
 
 
 def generate_pair(
-    pipe: StableDiffusionPipeline, runner: OnnxPipeline, prompts: list[str], *, steps: int = 20,
+    pipe: StableDiffusionPipeline, runner: ExportedPipeline, prompts: list[str], *, steps: int = 20,
     guidance: float = 5.0, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(PyTorch images, ONNX images) for ``prompts`` from the same seeded initial latents."""
@@ -95,13 +95,18 @@ def generate_pair(
     return ref, got
 
 
-def onnx_parity(pipe: StableDiffusionPipeline, folder: Path, prompts: list[str], *, steps: int = 20,
-                guidance: float = 5.0) -> dict:
-    """Component errors and end-to-end image PSNR on ``prompts`` of an exported folder against ``pipe``."""
-    runner = OnnxPipeline(folder)
+def pipeline_parity(pipe: StableDiffusionPipeline, runner: ExportedPipeline, prompts: list[str], *, steps: int = 20,
+                    guidance: float = 5.0) -> dict:
+    """Component errors and end-to-end image PSNR on ``prompts`` of an exported pipeline against ``pipe``."""
     ref, got = generate_pair(pipe, runner, prompts, steps=steps, guidance=guidance)
     return {"components": component_parity(pipe, runner, prompts), "image_psnr_db": psnr_db(ref, got),
-            "files": sorted(onnx_files(folder))}
+            "files": sorted(runner.sessions)}
+
+
+def onnx_parity(pipe: StableDiffusionPipeline, folder: Path, prompts: list[str], *, steps: int = 20,
+                guidance: float = 5.0) -> dict:
+    """:func:`pipeline_parity` of an exported ONNX folder."""
+    return pipeline_parity(pipe, OnnxPipeline(folder), prompts, steps=steps, guidance=guidance)
 
 
 def check_parity(label: str, figures: dict, tolerance: Tolerance, *, max_abs_of: tuple[str, ...] = ("unet",)) -> None:

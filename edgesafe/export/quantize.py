@@ -1,22 +1,31 @@
-"""INT8 variants of an exported ONNX folder, one registry entry per method.
+"""Variants of an exported ONNX folder, one registry entry per method.
 
-Each quantizer copies the fp32 folder and rewrites component models in the copy:
+Each variant copies the fp32 folder and rewrites component models in the copy:
 
+- ``fp32-optimized``: onnxruntime's transformer-graph fusions, still fp32 (:mod:`edgesafe.export.optimize`);
 - ``int8-ort-dynamic``: onnxruntime dynamic quantization of the UNet (INT8 weights, activations
   quantized at run time);
-- ``int8-ort-static``: onnxruntime static QDQ quantization of the UNet's Conv / MatMul / Gemm,
-  calibrated on the UNet inputs the pipeline really sees (a sampling run over the recipe's captions);
+- ``int8-ort-static``: onnxruntime static quantization of the UNet in the format this CPU runs fastest
+  (:func:`int8_scheme`), calibrated on the UNet inputs the pipeline really sees (a sampling run over the
+  recipe's captions), with the layers INT8 hurts most kept in fp32 (:func:`always_fp32`);
+- ``int8-mixed``: ``int8-ort-static`` with the fewest further layers kept in fp32 that bring the images to
+  ``export.mixed_psnr_db`` against fp32 (:mod:`edgesafe.export.sensitivity`);
 - ``int8-nncf``: NNCF post-training quantization of the UNet on the same calibration set;
 - ``int8-hybrid``: the UNet as ``int8-ort-static``, every other component weight-only INT8
   (per-channel INT8 initializers + DequantizeLinear, computed in fp32).
 
-Core ML variants (linear INT8, palettization) live in :mod:`edgesafe.export.coreml`.
+Core ML variants (linear INT8, palettization) live in :mod:`edgesafe.export.coreml`, OpenVINO's in
+:mod:`edgesafe.export.openvino`.
 """
 
 from __future__ import annotations
 
+import platform
+import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +34,78 @@ import torch
 from diffusers import StableDiffusionPipeline
 from onnx import helper, numpy_helper
 
+from ..errors import EdgesafeError, first_line
 from ..io import atomic_dir
 from ..models.inputs import seeded_normal
 from .onnx import latent_shape, onnx_files, save_onnx
 
 Calibration = list[dict[str, np.ndarray]]
 OPS = ["Conv", "MatMul", "Gemm"]
+
+
+@dataclass(frozen=True)
+class QuantizeInputs:
+    """What the calibrated variants need, prepared once per export."""
+
+    calibration: Calibration
+    """UNet feeds recorded while sampling the recipe's captions (:func:`unet_calibration`)."""
+    prompts: list[str]
+    """The prompts ``int8-mixed`` compares images on (the parity prompts)."""
+    steps: int
+    guidance: float
+    mixed_psnr_db: float
+    """The image PSNR against fp32 that ``int8-mixed`` keeps."""
+
+
+@dataclass(frozen=True)
+class Int8Scheme:
+    """The INT8 format and types for onnxruntime's CPU kernels on this machine."""
+
+    quant_format: str
+    """``QOperator`` (QLinearConv / QLinearMatMul kernels) or ``QDQ``."""
+    reduce_range: bool
+    """7-bit weights, for x86 CPUs without VNNI, whose u8 x s8 instruction saturates at full range."""
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"format": self.quant_format, "activations": "uint8 asymmetric", "weights": "int8 per channel",
+                "reduce_range": self.reduce_range, "reason": self.reason}
+
+
+VNNI_FLAGS = {"avx512_vnni", "avx512vnni", "avx_vnni", "avxvnni", "amx_int8"}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags, lower case (Linux /proc/cpuinfo, macOS sysctl); empty where unreadable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].lower().split())
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+                             capture_output=True, text=True, timeout=5).stdout
+        return {f.replace(".", "_") for f in out.lower().split()}
+    except (OSError, subprocess.SubprocessError):
+        return set()
+
+
+def int8_scheme(machine: str | None = None, flags: set[str] | None = None) -> Int8Scheme:
+    """The static INT8 scheme for a CPU (this one by default).
+
+    QOperator everywhere: in the QDQ format onnxruntime fuses a Conv into an INT8 kernel only when its output is
+    quantized too, which in a UNet (Conv -> residual Add / GroupNorm) it is not, so QDQ Convs ran in fp32
+    behind a DequantizeLinear (0.87x fp32 on benchmarks/export.py's medium UNet, QOperator 1.45x). Activations
+    uint8 and weights int8 per channel (onnxruntime's u8s8 kernels); 7-bit weights only on x86 without VNNI.
+    """
+    machine = (machine or platform.machine()).lower()
+    flags = cpu_flags() if flags is None else flags
+    if machine not in ("x86_64", "amd64", "i386", "i686"):
+        return Int8Scheme("QOperator", False, f"{machine}: no u8s8 saturation, full-range weights")
+    if flags & VNNI_FLAGS:
+        return Int8Scheme("QOperator", False, f"x86 with VNNI ({', '.join(sorted(flags & VNNI_FLAGS))})")
+    return Int8Scheme("QOperator", True, "x86 without VNNI: 7-bit weights against u8s8 saturation")
 
 
 @torch.no_grad()
@@ -74,29 +149,73 @@ class _Reader:
         return next(self._it, None)
 
 
-def _prepared(path: Path, tmp: Path) -> Path:
+def _big(path: Path) -> bool:
+    """True when ``path``'s weights live beside it (a component over protobuf's 2 GB)."""
+    return (path.parent / "model.onnx_data").is_file()
+
+
+def prepared(path: Path, tmp: Path) -> Path:
     """The model after onnxruntime's pre-processing (symbolic shape inference skipped: it fails on UNets)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out = tmp / "prepared.onnx"
-    quant_pre_process(str(path), str(out), skip_symbolic_shape=True)
+    quant_pre_process(str(path), str(out), skip_symbolic_shape=True, save_as_external_data=_big(path),
+                      all_tensors_to_one_file=True, external_data_location="prepared.onnx_data")
     return out
 
 
-def _ort_static(path: Path, calibration: Calibration) -> None:
+def always_fp32(model: onnx.ModelProto) -> list[str]:
+    """The UNet layers every static variant keeps in fp32: the first and last convolutions (the latents in and
+    the noise out) and the time embedding (a few vectors, where INT8 saves nothing and every step's timestep
+    goes through). Attention's score and value MatMuls (no constant operand) and Softmax are never quantized."""
+    inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    return [n.name for n in model.graph.node if n.op_type in OPS and (
+        (n.op_type == "Conv" and (n.input[0] in inputs or n.output[0] in outputs)) or "time_emb" in n.name)]
+
+
+def quantizable_layers(model: onnx.ModelProto) -> list[str]:
+    """The UNet layers a static variant quantizes: Conv, Gemm and MatMul with a constant weight, less
+    :func:`always_fp32`."""
+    constants = {t.name for t in model.graph.initializer}
+    kept = set(always_fp32(model))
+    return [n.name for n in model.graph.node if n.op_type in OPS and n.name not in kept
+            and (n.op_type != "MatMul" or n.input[1] in constants)]
+
+
+def quantize_static_unet(
+    src: Path, out: Path, calibration: Calibration, *, exclude: list[str] = (), only: list[str] | None = None,
+    ranges: Path | None = None,
+) -> Path:
+    """Quantize a pre-processed UNet (:func:`prepared`) with :func:`int8_scheme` to ``out``.
+
+    ``exclude`` keeps further layers in fp32, ``only`` quantizes just those; ``ranges`` caches the calibrated
+    activation ranges between calls on the same model (the sensitivity search quantizes it many times).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        src = _prepared(path, Path(tmp))
-        out = Path(tmp) / "int8.onnx"
+    scheme = int8_scheme()
+    model = onnx.load(str(src), load_external_data=False)
+    try:
         quantize_static(
-            str(src), str(out), _Reader(calibration), quant_format=QuantFormat.QDQ, op_types_to_quantize=OPS,
-            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
+            str(src), str(out), _Reader(calibration), quant_format=QuantFormat[scheme.quant_format],
+            op_types_to_quantize=OPS, per_channel=True, reduce_range=scheme.reduce_range,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=[*always_fp32(model), *exclude], nodes_to_quantize=only,
+            use_external_data_format=_big(src) or (src.parent / "prepared.onnx_data").is_file(),
+            calibration_cache_path=ranges,
             # one feed at a time, its ranges folded into the running min/max: the same ranges as holding every
             # tensor of every feed at once, which for an SD-size UNet at 512 px is tens of gigabytes
-            extra_options={"ActivationSymmetric": False, "CalibStridedMinMax": 1},
+            extra_options={"ActivationSymmetric": False, "CalibStridedMinMax": 1, "MatMulConstBOnly": True},
         )
+    except (ValueError, RuntimeError, KeyError, AttributeError, onnx.checker.ValidationError) as exc:
+        raise EdgesafeError(f"onnxruntime static quantization of {src.parent.name} failed: {first_line(exc)}") from None
+    return out
+
+
+def _ort_static(path: Path, inputs: QuantizeInputs) -> None:
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = quantize_static_unet(prepared(path, Path(tmp)), Path(tmp) / "int8.onnx", inputs.calibration)
         save_onnx(onnx.load(str(out)), path)
 
 
@@ -104,16 +223,17 @@ def _ort_dynamic(path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        src = _prepared(path, Path(tmp))
+        src = prepared(path, Path(tmp))
         out = Path(tmp) / "int8.onnx"
         quantize_dynamic(str(src), str(out), op_types_to_quantize=OPS, per_channel=True, weight_type=QuantType.QInt8)
         save_onnx(onnx.load(str(out)), path)
 
 
-def _nncf(path: Path, calibration: Calibration) -> None:
+def _nncf(path: Path, inputs: QuantizeInputs) -> None:
     import nncf
 
     model = onnx.load(str(path))
+    calibration = inputs.calibration
     quantized = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration))
     save_onnx(quantized, path)
 
@@ -162,23 +282,46 @@ def _weight_only(path: Path) -> None:
     save_onnx(weight_only_int8(onnx.load(str(path))), path)
 
 
-def _hybrid(folder: Path, calibration: Calibration) -> None:
-    _ort_static(folder / "unet" / "model.onnx", calibration)
+def _hybrid(folder: Path, inputs: QuantizeInputs) -> None:
+    _ort_static(folder / "unet" / "model.onnx", inputs)
     for name, path in onnx_files(folder).items():
         if name != "unet":
             _weight_only(path)
 
 
-ONNX_QUANTIZERS: dict[str, Callable[[Path, Calibration], None]] = {
-    "int8-ort-dynamic": lambda folder, calibration: _ort_dynamic(folder / "unet" / "model.onnx"),
-    "int8-ort-static": lambda folder, calibration: _ort_static(folder / "unet" / "model.onnx", calibration),
-    "int8-nncf": lambda folder, calibration: _nncf(folder / "unet" / "model.onnx", calibration),
+def _mixed(folder: Path, inputs: QuantizeInputs) -> None:
+    from .sensitivity import mixed_int8
+
+    mixed_int8(folder, inputs)
+
+
+def _optimized(folder: Path, inputs: QuantizeInputs | None) -> None:
+    from .optimize import optimize_folder
+
+    optimize_folder(folder)
+
+
+ONNX_QUANTIZERS: dict[str, Callable[[Path, QuantizeInputs], None]] = {
+    "fp32-optimized": _optimized,
+    "int8-ort-dynamic": lambda folder, inputs: _ort_dynamic(folder / "unet" / "model.onnx"),
+    "int8-ort-static": lambda folder, inputs: _ort_static(folder / "unet" / "model.onnx", inputs),
+    "int8-mixed": _mixed,
+    "int8-nncf": lambda folder, inputs: _nncf(folder / "unet" / "model.onnx", inputs),
     "int8-hybrid": _hybrid,
 }
+"""Variant name -> what rewrites the copied fp32 folder in place."""
+ONNX_PRECISIONS = {"fp32": "fp32", "fp32-optimized": "fp32",
+                   **{q: "int8" for q in ONNX_QUANTIZERS if q.startswith("int8")}}
+"""Each ONNX artefact -> the ``export.parity`` precision that judges it."""
 
 
-def quantize_folder(src: Path, dst: Path, method: str, calibration: Calibration) -> Path:
-    """Copy the fp32 export ``src`` to ``dst`` and apply ``method`` there; ``dst`` appears only when done."""
+def quantize_folder(src: Path, dst: Path, method: str, inputs: QuantizeInputs | None) -> Path:
+    """Copy the fp32 export ``src`` to ``dst`` and apply ``method`` there; ``dst`` appears only when done (an
+    ``int8-mixed`` analysis already in ``dst`` is carried over for the search to reuse)."""
+    from .sensitivity import ANALYSIS
+
     with atomic_dir(dst, copy_from=src) as partial:
-        ONNX_QUANTIZERS[method](partial, calibration)
+        if (dst / "unet" / ANALYSIS).is_file():
+            shutil.copy2(dst / "unet" / ANALYSIS, partial / "unet" / ANALYSIS)
+        ONNX_QUANTIZERS[method](partial, inputs)
     return dst

@@ -1,4 +1,6 @@
-"""Generate images from an exported ONNX folder with bare onnxruntime sessions (no optimum needed).
+"""Generate images from an exported folder with the bare runtime (no optimum needed):
+:class:`OnnxPipeline` runs onnxruntime sessions; :class:`edgesafe.export.openvino.OpenVinoPipeline` the OpenVINO
+runtime.
 
 The loop is diffusers' ``StableDiffusionPipeline`` loop (classifier-free guidance with the empty
 prompt, the folder's scheduler), so with the same latents it reproduces the PyTorch pipeline and
@@ -19,7 +21,7 @@ from transformers import CLIPTokenizer
 from ..errors import ModelLoadError, first_line
 from ..io import read_json
 from ..models.inputs import token_ids
-from .onnx import onnx_files
+from .onnx import COMPONENTS
 
 
 def session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
@@ -32,20 +34,26 @@ def session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
         raise ModelLoadError(f"{path}: onnxruntime cannot load it ({first_line(exc)})") from None
 
 
-class OnnxPipeline:
-    """Text-to-image with the ``text_encoder``, ``unet`` and ``vae_decoder`` of an exported folder."""
+class ExportedPipeline:
+    """Text-to-image with the ``text_encoder``, ``unet`` and ``vae_decoder`` of an exported folder; a runtime
+    subclass says which file holds a component (:attr:`model_file`) and how to load and run it."""
+
+    model_file = ""
+    runtime = ""
 
     def __init__(self, folder: Path, *, threads: int = 0):
         folder = Path(folder)
-        files = onnx_files(folder)
+        files = {n: folder / n / self.model_file for n in COMPONENTS if (folder / n / self.model_file).is_file()}
         missing = [n for n in ("text_encoder", "unet", "vae_decoder") if n not in files]
         if missing or not (folder / "model_index.json").is_file():
             what = ", ".join(missing) or "model_index.json"
-            raise ModelLoadError(f"{folder}: not an exported ONNX pipeline (missing {what})")
+            raise ModelLoadError(f"{folder}: not an exported {self.runtime} pipeline (missing {what})")
         t0 = time.perf_counter()
-        self.sessions = {name: session(path, threads=threads) for name, path in files.items()}
+        self.threads = threads
+        self.sessions = {name: self.load(path) for name, path in files.items()}
         self.load_seconds = time.perf_counter() - t0
         index = read_json(folder / "model_index.json")
+        self.folder = folder
         self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         scheduler_cls = getattr(diffusers, index["scheduler"][1])
         self.scheduler_config = scheduler_cls.load_config(folder / "scheduler")
@@ -53,12 +61,13 @@ class OnnxPipeline:
         vae = read_json(folder / "vae_decoder" / "config.json")
         self.scaling_factor = vae["scaling_factor"]
 
+    def load(self, path: Path):
+        """The runtime's loaded model of one component file."""
+        raise NotImplementedError
+
     def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
-        sess = self.sessions[name]
-        types = {i.name: i.type for i in sess.get_inputs()}
-        cast = {k: v.astype(np.int64 if "int64" in types[k] else np.int32 if "int32" in types[k] else np.float32)
-                for k, v in feeds.items()}
-        return sess.run(None, cast)
+        """Component ``name``'s outputs for ``feeds`` (cast to the types the model declares)."""
+        raise NotImplementedError
 
     def encode_prompt(self, prompts: list[str]) -> np.ndarray:
         return self.run("text_encoder", input_ids=token_ids(self.tokenizer, prompts).numpy())[0]
@@ -82,3 +91,20 @@ class OnnxPipeline:
             x = scheduler.step(noise, t, x).prev_sample
         image = self.run("vae_decoder", latent_sample=(x / self.scaling_factor).numpy())[0]
         return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+
+
+class OnnxPipeline(ExportedPipeline):
+    """An exported ONNX folder (optimum's layout) in onnxruntime CPU sessions."""
+
+    model_file = "model.onnx"
+    runtime = "ONNX"
+
+    def load(self, path: Path) -> ort.InferenceSession:
+        return session(path, threads=self.threads)
+
+    def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
+        sess = self.sessions[name]
+        types = {i.name: i.type for i in sess.get_inputs()}
+        cast = {k: v.astype(np.int64 if "int64" in types[k] else np.int32 if "int32" in types[k] else np.float32)
+                for k, v in feeds.items()}
+        return sess.run(None, cast)

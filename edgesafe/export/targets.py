@@ -1,7 +1,7 @@
 """The export targets, one registry entry each: how a pipeline becomes the target's base artefact, which
 quantizers derive variants from it, and how every artefact is checked against PyTorch.
 
-A new target (OpenVINO, say) is one :class:`Target` here; the recipe's ``export.targets`` and
+A new target is one :class:`Target` here; the recipe's ``export.targets`` and
 ``export.quantize`` take their allowed names from :data:`TARGETS` and :data:`QUANTIZERS`.
 """
 
@@ -18,13 +18,15 @@ from diffusers import StableDiffusionPipeline
 from ..recipe import Recipe
 from .coreml import COREML_QUANTIZERS, export_coreml, quantize_coreml, validate_coreml
 from .onnx import export_onnx, folder_bytes
-from .parity import data_captions, onnx_parity, parity_prompts
-from .quantize import ONNX_QUANTIZERS, quantize_folder, unet_calibration
+from .openvino import OPENVINO_QUANTIZERS, OpenVinoPipeline, export_openvino, quantize_openvino
+from .parity import data_captions, parity_prompts, pipeline_parity
+from .quantize import ONNX_PRECISIONS, ONNX_QUANTIZERS, QuantizeInputs, quantize_folder, unet_calibration
+from .runtime import ExportedPipeline, OnnxPipeline
 
 
 @dataclass(frozen=True)
 class Target:
-    """One export target: what a plug-in author provides to add one (OpenVINO, say)."""
+    """One export target: what a plug-in author provides to add one."""
 
     base: str
     """The variant name of the unquantized artefact (its folder under the target's)."""
@@ -37,18 +39,41 @@ class Target:
     """The artefact's figures against PyTorch (raising on a malformed artefact)."""
     summary: Callable[[dict[str, Any]], dict[str, Any]]
     """The figures a stage manifest keeps of :attr:`check`'s result."""
-    parity: dict[str, str] | None = None
-    """Which ``export.parity`` tolerance judges the base and the quantized variants; None: not judged here."""
+    subject_kind: str
+    """The bench's subject kind that runs its artefacts (``bench.subjects.SUBJECT_KINDS``)."""
+    subject_label: str
+    """The bench's label of an artefact, ``{variant}`` filled in."""
+    precisions: dict[str, str] = field(default_factory=dict)
+    """Artefact (the base and each quantizer) -> the ``export.parity`` precision that judges it; an artefact left
+    out is not judged here."""
     prepare: Callable[[StableDiffusionPipeline, Recipe], Any] = lambda pipe, recipe: None
-    """Run once before the first quantizer (calibration data)."""
+    """Run once before the first quantizer: what the quantizers take (calibration feeds, the mixed search's
+    prompts and target)."""
     requires: dict[str, str] = field(default_factory=dict)
     """Optional packages by what needs them (the target's name or a quantizer's) -> the edgesafe extra that
     installs them."""
 
 
-def _onnx_check(pipe: StableDiffusionPipeline, folder: Path, recipe: Recipe) -> dict[str, Any]:
-    return {**onnx_parity(pipe, folder, parity_prompts(recipe), steps=recipe.sampling.steps,
-                          guidance=recipe.sampling.guidance_scale), "bytes": folder_bytes(folder)}
+def _checked_by(runner: Callable[[Path], ExportedPipeline]) -> Callable[..., dict[str, Any]]:
+    """A target's check: the parity of its folder as ``runner`` runs it, and the folder's size."""
+
+    def check(pipe: StableDiffusionPipeline, folder: Path, recipe: Recipe) -> dict[str, Any]:
+        return {**pipeline_parity(pipe, runner(folder), parity_prompts(recipe), steps=recipe.sampling.steps,
+                                  guidance=recipe.sampling.guidance_scale), "bytes": folder_bytes(folder)}
+
+    return check
+
+
+def _parity_summary(figures: dict[str, Any]) -> dict[str, Any]:
+    return {"bytes": figures["bytes"], "image_psnr_db": round(figures["image_psnr_db"], 2),
+            "unet_max_abs": figures["components"]["unet"]["max_abs"]}
+
+
+def quantize_inputs(pipe: StableDiffusionPipeline, recipe: Recipe) -> QuantizeInputs:
+    """Calibration feeds from sampling 8 of the recipe's captions, and the mixed search's prompts and target."""
+    steps, guidance = recipe.sampling.steps, recipe.sampling.guidance_scale
+    return QuantizeInputs(unet_calibration(pipe, data_captions(recipe, 8), steps=steps, guidance=guidance),
+                          parity_prompts(recipe), steps, guidance, recipe.export.mixed_psnr_db)
 
 
 TARGETS: dict[str, Target] = {
@@ -57,13 +82,13 @@ TARGETS: dict[str, Target] = {
         export=lambda pipe, out, recipe: export_onnx(pipe, out, opset=recipe.export.opset),
         quantizers=ONNX_QUANTIZERS,
         quantize=quantize_folder,
-        check=_onnx_check,
-        summary=lambda f: {"bytes": f["bytes"], "image_psnr_db": round(f["image_psnr_db"], 2),
-                           "unet_max_abs": f["components"]["unet"]["max_abs"]},
-        parity={"base": "fp32", "quantized": "int8"},
+        check=_checked_by(OnnxPipeline),
+        summary=_parity_summary,
+        subject_kind="onnx",
+        subject_label="ONNX {variant} (onnxruntime CPU)",
+        precisions=ONNX_PRECISIONS,
         requires={"int8-nncf": "nncf"},
-        prepare=lambda pipe, recipe: unet_calibration(pipe, data_captions(recipe, 8), steps=recipe.sampling.steps,
-                                                      guidance=recipe.sampling.guidance_scale),
+        prepare=lambda pipe, recipe: quantize_inputs(pipe, recipe),
     ),
     "coreml": Target(
         base="fp16",
@@ -72,12 +97,27 @@ TARGETS: dict[str, Target] = {
         quantize=lambda src, dst, method, _: quantize_coreml(src, dst, method),
         check=lambda pipe, folder, recipe: validate_coreml(pipe, folder),
         summary=lambda f: {"bytes": sum(p["bytes"] for p in f["packages"].values()), "predicted": f["predicted"]},
+        subject_kind="coreml-weights",
+        subject_label="Core ML {variant} weights (in PyTorch)",
         requires={"coreml": "coreml"},
+    ),
+    "openvino": Target(
+        base="fp32",
+        export=lambda pipe, out, recipe: export_openvino(pipe, out, opset=recipe.export.opset),
+        quantizers=OPENVINO_QUANTIZERS,
+        quantize=quantize_openvino,
+        check=_checked_by(OpenVinoPipeline),
+        summary=_parity_summary,
+        subject_kind="openvino",
+        subject_label="OpenVINO {variant} (OpenVINO CPU)",
+        precisions={"fp32": "fp32", "openvino-int8": "int8"},
+        requires={"openvino": "openvino", "openvino-int8": "nncf"},
+        prepare=lambda pipe, recipe: quantize_inputs(pipe, recipe),
     ),
 }
 QUANTIZERS: dict[str, str] = {q: name for name, target in TARGETS.items() for q in target.quantizers}
 """Every quantizer name -> the target whose base artefact it rewrites."""
-EXTRA_PACKAGES = {"coreml": "coremltools", "nncf": "nncf"}
+EXTRA_PACKAGES = {"coreml": "coremltools", "nncf": "nncf", "openvino": "openvino"}
 """edgesafe's extras for export -> the package each brings."""
 
 
@@ -92,5 +132,5 @@ def missing_extras(recipe: Recipe) -> list[str]:
     return lines
 
 
-PRECISIONS = sorted({p for target in TARGETS.values() for p in (target.parity or {}).values()})
+PRECISIONS = sorted({p for target in TARGETS.values() for p in target.precisions.values()})
 """The precisions an artefact's parity is judged at (the keys of ``export.parity``)."""
