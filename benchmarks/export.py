@@ -329,6 +329,9 @@ def main() -> None:
     pipelines = {"tiny-shapes": (lambda: load_pipeline("zoo:tiny-shapes"), evaluator),
                  "tiny-shapes-pruned": (pruned_pipeline, evaluator), "medium": (medium_pipeline, None)}
     models: dict = {}
+    if not args.skip_sd:  # first: the largest, the one that may run out of memory
+        models["sd-1.5-unet"] = sd_unet(args.work, args)
+        print("sd-1.5-unet done", round(time.perf_counter() - t0), "s", flush=True)
     for name, (make, scorer) in pipelines.items():
         pipe = make()
         models[name] = {"onnx_openvino": pipeline_variants(name, pipe, args.work, args, scorer)}
@@ -336,9 +339,6 @@ def main() -> None:
             models[name]["coreml"] = coreml_variants(name, pipe, args.work)
         print(name, "done", round(time.perf_counter() - t0), "s", flush=True)
     loads = optimum_generates(args.work / "tiny-shapes" / "onnx" / "fp32")
-    if not args.skip_sd:
-        models["sd-1.5-unet"] = sd_unet(args.work, args)
-        print("sd-1.5-unet done", round(time.perf_counter() - t0), "s", flush=True)
     result = {
         **headlines(models),
         "optimum_pipeline_loads": loads,
