@@ -22,6 +22,7 @@ always measured afresh, interleaved.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
@@ -35,7 +36,13 @@ from harness import provenance
 
 from edgesafe.export import COREML_QUANTIZERS, ONNX_QUANTIZERS, export_coreml, quantize_coreml, validate_coreml
 from edgesafe.export.onnx import export_component, export_onnx, folder_bytes, latent_shape
-from edgesafe.export.openvino import OPENVINO_QUANTIZERS, OpenVinoPipeline, export_openvino, ir_from_onnx
+from edgesafe.export.openvino import (
+    OPENVINO_QUANTIZERS,
+    OpenVinoPipeline,
+    compile_ir,
+    export_openvino,
+    ir_from_onnx,
+)
 from edgesafe.export.openvino import quantize_openvino as quantize_ov
 from edgesafe.export.parity import pipeline_parity, psnr_db
 from edgesafe.export.quantize import QuantizeInputs, int8_scheme, quantize_folder, unet_calibration
@@ -213,6 +220,19 @@ def optimum_generates(folder: Path) -> bool:
     return bool(image.shape == (1, 32, 32, 3) and np.isfinite(image).all() and image.std() > 0.01)
 
 
+def sd_feeds() -> list[dict[str, np.ndarray]]:
+    """Calibration feeds of the SD 1.5 UNet at batch 2: seeded latents and text states across the schedule
+    (random weights: the ranges set speed, not quality)."""
+    return [{"sample": seeded_normal((2, 4, 32, 32), i).numpy(), "timestep": np.array(t, np.float32),
+             "encoder_hidden_states": seeded_normal((2, 77, 768), 10 + i).numpy()}
+            for i, t in enumerate((900.0, 600.0, 300.0, 50.0))]
+
+
+def _make_sd_variant(src: Path, folder: Path, method: str) -> None:
+    inputs = QuantizeInputs(sd_feeds(), [], STEPS, GUIDANCE, MIXED_PSNR)
+    (quantize_ov if method in OPENVINO_QUANTIZERS else quantize_folder)(src, folder, method, inputs)
+
+
 SD_VARIANTS = ("fp32-optimized", "int8-ort-static", "int8-ort-dynamic")
 
 
@@ -223,48 +243,47 @@ def sd_unet(work: Path, args) -> dict:
     fp32 = base / "onnx" / "fp32"
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**config).eval()
-    stand_in = SimpleNamespace(unet=unet, tokenizer=SimpleNamespace(model_max_length=77))
+    params = count_params(unet)
     seconds = {}
     if not fp32.is_dir():
         t0 = time.perf_counter()
-        export_component(stand_in, "unet", fp32 / "unet")
+        export_component(SimpleNamespace(unet=unet, tokenizer=SimpleNamespace(model_max_length=77)), "unet",
+                         fp32 / "unet")
         seconds["onnx/fp32"] = round(time.perf_counter() - t0, 1)
-    feeds = [{"sample": seeded_normal((2, 4, 32, 32), i).numpy(), "timestep": np.array(t, np.float32),
-              "encoder_hidden_states": seeded_normal((2, 77, 768), 10 + i).numpy()}
-             for i, t in enumerate((900.0, 600.0, 300.0, 50.0))]
-    inputs = QuantizeInputs(feeds, [], STEPS, GUIDANCE, MIXED_PSNR)
-    folders = {"onnx/fp32": fp32}
-    errors = {}
-    for method in SD_VARIANTS:
-        folder = base / "onnx" / method
-        t0 = time.perf_counter()
-        try:
-            folders[f"onnx/{method}"] = folder if folder.is_dir() else quantize_folder(fp32, folder, method, inputs)
-        except Exception as exc:  # recorded, not fatal: the other variants are still measured
-            errors[f"onnx/{method}"] = f"{type(exc).__name__}: {exc}"[:300]
-        seconds[f"onnx/{method}"] = round(time.perf_counter() - t0, 1)
-        print(f"  sd-1.5-unet onnx/{method} ready ({seconds[f'onnx/{method}']} s)", flush=True)
+    del unet  # 3.4 GB the quantizers need
     ov_fp32 = base / "openvino" / "fp32"
     if not ov_fp32.is_dir():
-        ir_from_onnx(fp32 / "unet" / "model.onnx", ov_fp32 / "unet")
-    folders["openvino/fp32"] = ov_fp32
-    for method in OPENVINO_QUANTIZERS:
-        folder = base / "openvino" / method
         t0 = time.perf_counter()
-        folders[f"openvino/{method}"] = folder if folder.is_dir() else quantize_ov(ov_fp32, folder, method, inputs)
-        seconds[f"openvino/{method}"] = round(time.perf_counter() - t0, 1)
+        ir_from_onnx(fp32 / "unet" / "model.onnx", ov_fp32 / "unet")
+        seconds["openvino/fp32"] = round(time.perf_counter() - t0, 1)
+    plan = {**{f"onnx/{m}": (fp32, base / "onnx" / m, m) for m in SD_VARIANTS},
+            **{f"openvino/{m}": (ov_fp32, base / "openvino" / m, m) for m in OPENVINO_QUANTIZERS}}
+    folders, errors = {"onnx/fp32": fp32, "openvino/fp32": ov_fp32}, {}
+    for key, (src, folder, method) in plan.items():
+        if not folder.is_dir():
+            # each in its own process: a variant that runs out of memory is recorded, and the others still run
+            t0 = time.perf_counter()
+            child = multiprocessing.get_context("spawn").Process(target=_make_sd_variant, args=(src, folder, method))
+            child.start()
+            child.join()
+            seconds[key] = round(time.perf_counter() - t0, 1)
+            if child.exitcode != 0:
+                errors[key] = ("killed (out of memory: the kernel's OOM killer)" if child.exitcode == -9
+                               else f"failed (exit {child.exitcode})")
+                print(f"  sd-1.5-unet {key}: {errors[key]}", flush=True)
+                continue
+        folders[key] = folder
+        print(f"  sd-1.5-unet {key} ready ({seconds.get(key)} s)", flush=True)
     print("  sd-1.5-unet artefacts ready", flush=True)
 
     def load(key: str, folder: Path):
         if key.startswith("openvino/"):
-            loader = OpenVinoPipeline.__new__(OpenVinoPipeline)  # the runtime's loader, without a full pipeline
-            loader.threads = args.threads
-            compiled = loader.load(folder / "unet" / "openvino_model.xml")
+            compiled = compile_ir(folder / "unet" / "openvino_model.xml", threads=args.threads)
             return lambda feed: compiled(feed)
         sess = session(folder / "unet" / "model.onnx", threads=args.threads)
         return lambda feed: sess.run(None, feed)
 
-    feed = feeds[1]
+    feed = sd_feeds()[1]
     runs = {k: load(k, f) for k, f in folders.items()}
     outputs = {k: np.asarray(list(run(feed).values())[0] if k.startswith("openvino/") else run(feed)[0])
                for k, run in runs.items()}
@@ -278,7 +297,7 @@ def sd_unet(work: Path, args) -> dict:
                          "unet_speedup_vs_fp32": round(fp32_ms / latency[key]["unet"]["median"], 3),
                          "unet_rel_error_vs_fp32_random_weights": round(err / float(np.abs(ref).max()), 4),
                          "make_seconds": seconds.get(key)}
-    return {"unet_params": count_params(unet), "latents": [2, 4, 32, 32], "variants": variants, "errors": errors}
+    return {"unet_params": params, "latents": [2, 4, 32, 32], "variants": variants, "errors": errors}
 
 
 def headlines(models: dict) -> dict:

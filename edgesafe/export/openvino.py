@@ -95,6 +95,17 @@ def quantize_openvino(src: Path, dst: Path, method: str, inputs: QuantizeInputs)
     return dst
 
 
+def compile_ir(path: Path, *, threads: int = 0):
+    """``path`` (an ``openvino_model.xml``) compiled for the CPU at fp32 inference precision."""
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    try:
+        return _core().compile_model(str(path), "CPU", config)
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+        raise ModelLoadError(f"{path}: OpenVINO cannot load it ({first_line(exc)})") from None
+
+
 class OpenVinoPipeline(ExportedPipeline):
     """An exported OpenVINO folder compiled for the CPU at fp32 inference precision (OpenVINO would otherwise
     run bf16 on CPUs that have it, and the artefact's figures would be the hint's, not the export's)."""
@@ -103,13 +114,7 @@ class OpenVinoPipeline(ExportedPipeline):
     runtime = "OpenVINO"
 
     def load(self, path: Path):
-        config = {"INFERENCE_PRECISION_HINT": "f32"}
-        if self.threads:
-            config["INFERENCE_NUM_THREADS"] = str(self.threads)
-        try:
-            return _core().compile_model(str(path), "CPU", config)
-        except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
-            raise ModelLoadError(f"{path}: OpenVINO cannot load it ({first_line(exc)})") from None
+        return compile_ir(path, threads=self.threads)
 
     def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
         compiled = self.sessions[name]
