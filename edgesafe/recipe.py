@@ -299,6 +299,15 @@ class ExportSpec(_Section):
     """The image PSNR against the fp32 export that ``int8-mixed`` keeps (it leaves the fewest layers in fp32 that
     reach it)."""
 
+    @model_validator(mode="after")
+    def _variants_of_listed_targets(self) -> ExportSpec:
+        of_target = registry("quantizer") if self.quantize else {}
+        for name in self.quantize:
+            if of_target[name] not in self.targets:
+                raise ValueError(f"{name} is a variant of the {of_target[name]} target, which export.targets does "
+                                 f"not list ({', '.join(self.targets)})")
+        return self
+
     @field_validator("parity")
     @classmethod
     def _defaults_kept(cls, parity: dict[str, Tolerance]) -> dict[str, Tolerance]:

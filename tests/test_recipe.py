@@ -61,6 +61,9 @@ def test_defaults_are_filled_and_round_trip():
         ({"data.kind": "hf-dataset"}, "data.kind: unknown data kind 'hf-dataset'; known: zoo, folder, jsonl"),
         ({"export.parity.fp16": {"psnr_db": 30}}, "export.parity.fp16.[key]: unknown parity precision 'fp16'"),
         ({"bench.attacks": ["gcg"]}, "bench.attacks: unknown key"),
+        ({"export.quantize": ["openvino-int8"]},
+         "export: openvino-int8 is a variant of the openvino target, which export.targets does not list "
+         "(onnx, coreml)"),
     ],
 )
 def test_bad_fields_name_file_path_and_expectation(override, expected):
