@@ -40,7 +40,7 @@ def optimize_component(path: Path, component: str) -> dict[str, int]:
     return {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
 
 
-def optimize_folder(folder: Path, _inputs=None) -> None:
+def optimize_folder(folder: Path) -> None:
     """Fuse every component of an exported folder in place."""
     for component, path in onnx_files(folder).items():
         optimize_component(path, component)

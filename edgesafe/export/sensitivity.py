@@ -73,7 +73,7 @@ def mixed_int8(folder: Path, inputs: QuantizeInputs) -> dict[str, Any]:
             return psnr_db(reference, images())
 
         tried = {0: psnr_with(exclude=[])}
-        reused = previous.get("key") == key
+        reused = previous.get("key") == key and bool(previous.get("layers"))  # a ranking was measured
         if reused:
             alone = {layer["name"]: layer["psnr_db_alone"] for layer in previous["layers"]}
         elif tried[0] < target:
