@@ -1,8 +1,11 @@
 """ONNX / Core ML export of the committed tiny-shapes teacher and a pruned student: real exporters,
 real onnxruntime sessions, optimum's pipeline, real quantizers."""
 
+import gc
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import onnx
@@ -386,11 +389,23 @@ def test_coreml_weights_of_another_model_are_refused(coreml_dir, tmp_path):
         load_coreml_weights(pipe, out)
 
 
+def signal_stack() -> tuple[int, int]:
+    """The calling thread's alternate signal stack (address, size)."""
+    import ctypes
+
+    from edgesafe.export.openvino import _SignalStack
+
+    current = _SignalStack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(current)) == 0
+    return current.sp, current.size
+
+
 def test_openvino_round_trip_matches_pytorch_and_its_int8_variant_runs(pipe, calibration, tmp_path):
     from edgesafe.bench.subjects import SUBJECT_KINDS, Subject
     from edgesafe.export.openvino import OpenVinoPipeline, export_openvino, quantize_openvino
     from edgesafe.export.parity import pipeline_parity
 
+    stack = signal_stack()
     base = export_openvino(pipe, tmp_path / "fp32")
     for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):  # optimum-intel's layout
         assert {p.name for p in (base / name).iterdir()} == {"openvino_model.xml", "openvino_model.bin", "config.json"}
@@ -409,3 +424,16 @@ def test_openvino_round_trip_matches_pytorch_and_its_int8_variant_runs(pipe, cal
     (int8 / "unet" / "openvino_model.xml").unlink()
     with pytest.raises(ModelLoadError, match="not an exported OpenVINO pipeline \\(missing unet\\)"):
         OpenVinoPipeline(int8)
+
+    # OpenVINO's CPU plugins swap the thread's alternate signal stack and, destroyed out of order, leave it
+    # unmapped: the next SIGINT / SIGTERM (a fine-tune's clean stop) would die as a bare segmentation fault
+    del runner
+    gc.collect()
+    assert signal_stack() == stack
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: got.append(1))
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert got == [1]

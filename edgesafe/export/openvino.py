@@ -14,6 +14,9 @@ compression (weights stored in INT8, computed in fp32).
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,12 +33,43 @@ from .runtime import ExportedPipeline
 MODEL_FILE = "openvino_model.xml"
 
 
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]  # Linux's stack_t
+
+
+def keeps_signal_stack(fn):
+    """Give the calling thread its alternate signal stack back when ``fn`` returns.
+
+    On Linux, each OpenVINO CPU plugin (one per ``ov.Core``; NNCF makes hundreds) installs an alternate signal
+    stack of its own and, when destroyed, puts back the one it found, after unmapping its own. Plugins destroyed
+    out of order leave the thread on an unmapped stack, and the next signal handled there (Ctrl-C, SIGTERM, or
+    faulthandler's SIGSEGV report) kills the process with a bare segmentation fault. A plugin destroyed later
+    leaves a stack that is not its own alone, so restoring the caller's after every call is enough.
+    """
+    if not sys.platform.startswith("linux"):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        libc = ctypes.CDLL(None, use_errno=True)
+        before = _SignalStack()
+        if libc.sigaltstack(None, ctypes.byref(before)) != 0:
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            libc.sigaltstack(ctypes.byref(before), None)
+
+    return wrapper
+
+
 def _core():
     import openvino as ov
 
     return ov.Core()
 
 
+@keeps_signal_stack
 def ir_from_onnx(onnx_path: Path, folder: Path) -> Path:
     """Convert an ONNX model to ``folder/openvino_model.xml`` (+ ``.bin``, fp32 weights)."""
     import openvino as ov
@@ -62,6 +96,7 @@ def export_openvino(pipe: StableDiffusionPipeline, out: Path, *, opset: int = 17
     return Path(out)
 
 
+@keeps_signal_stack
 def _int8(folder: Path, inputs: QuantizeInputs) -> None:
     import nncf
     import openvino as ov
@@ -95,6 +130,7 @@ def quantize_openvino(src: Path, dst: Path, method: str, inputs: QuantizeInputs)
     return dst
 
 
+@keeps_signal_stack
 def compile_ir(path: Path, *, threads: int = 0):
     """``path`` (an ``openvino_model.xml``) compiled for the CPU at fp32 inference precision."""
     config = {"INFERENCE_PRECISION_HINT": "f32"}
