@@ -1,7 +1,8 @@
 """Export pipelines to ONNX (fp32 and every ONNX variant), OpenVINO (fp32 and INT8) and Core ML (fp16 and
-every weight quantizer); measure sizes, CPU latency per component (every variant interleaved in one run:
-medians and quartiles), parity against PyTorch and against fp32, and on the trained tiny-shapes models the
-artefacts' prompt accuracy and unwanted-concept rates; write benchmarks/results/export.json.
+every weight quantizer, ``coreml-mixed`` at the same PSNR target as ``int8-mixed``); measure sizes, CPU latency
+per component (every variant interleaved in one run: medians and quartiles), parity against PyTorch and against
+fp32, and on the trained tiny-shapes models the artefacts' prompt accuracy and unwanted-concept rates; write
+benchmarks/results/export.json.
 
     python benchmarks/export.py [--repeats 20] [--sd-repeats 6] [--skip-coreml] [--skip-sd] [--threads 0]
 
@@ -22,6 +23,7 @@ always measured afresh, interleaved.
 from __future__ import annotations
 
 import argparse
+import copy
 import multiprocessing
 import statistics
 import time
@@ -35,6 +37,7 @@ from diffusers import UNet2DConditionModel
 from harness import provenance
 
 from edgesafe.export import COREML_QUANTIZERS, ONNX_QUANTIZERS, export_coreml, quantize_coreml, validate_coreml
+from edgesafe.export.coreml import load_coreml_weights
 from edgesafe.export.onnx import export_component, export_onnx, folder_bytes, latent_shape
 from edgesafe.export.openvino import (
     OPENVINO_QUANTIZERS,
@@ -44,6 +47,8 @@ from edgesafe.export.openvino import (
     ir_from_onnx,
 )
 from edgesafe.export.openvino import quantize_openvino as quantize_ov
+from edgesafe.export.palettization import ANALYSIS as PALETTE_ANALYSIS
+from edgesafe.export.palettization import MixedBitInputs
 from edgesafe.export.parity import pipeline_parity, psnr_db
 from edgesafe.export.quantize import QuantizeInputs, int8_scheme, quantize_folder, unet_calibration
 from edgesafe.export.runtime import OnnxPipeline, session
@@ -200,14 +205,32 @@ def pipeline_variants(name: str, pipe, work: Path, args, evaluator=None) -> dict
 def coreml_variants(name: str, pipe, work: Path) -> dict:
     out = work / name / "coreml"
     base = out / "fp16" if (out / "fp16").is_dir() else export_coreml(pipe, out / "fp16")
-    folders = {"fp16": base, **{m: out / m if (out / m).is_dir() else quantize_coreml(base, out / m, m)
+    inputs = MixedBitInputs(pipe, PROMPTS, STEPS, GUIDANCE, MIXED_PSNR)
+    folders = {"fp16": base, **{m: out / m if (out / m).is_dir() else quantize_coreml(base, out / m, m, inputs)
                                 for m in COREML_QUANTIZERS}}
+    latents = torch.randn(latent_shape(pipe, len(PROMPTS)), generator=torch.Generator().manual_seed(0))
+
+    def images(folder: Path) -> np.ndarray:  # what the device computes, in PyTorch with the package's weights
+        device = copy.copy(pipe)
+        for component in ("unet", "text_encoder", "vae"):
+            setattr(device, component, copy.deepcopy(getattr(pipe, component)))
+        load_coreml_weights(device, folder)
+        return device(PROMPTS, latents=latents.clone(), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                      output_type="np").images
+
+    reference = images(base)
     result = {}
     for variant, folder in folders.items():
         report = validate_coreml(pipe, folder)
         result[variant] = {"package_bytes": {k: p["bytes"] for k, p in report["packages"].items()},
                            "bytes": sum(p["bytes"] for p in report["packages"].values()),
-                           "predicted": report["predicted"]}
+                           "predicted": report["predicted"],
+                           "image_psnr_vs_fp16_db": round(psnr_db(reference, images(folder)), 2)}
+        if (folder / PALETTE_ANALYSIS).is_file():
+            analysis = read_json(folder / PALETTE_ANALYSIS)
+            result[variant]["mixed_palettization"] = {k: analysis[k] for k in (
+                "target_psnr_db", "psnr_db", "all_4bit_psnr_db", "weights_at_bits", "mean_bits", "bytes", "fp16_bytes",
+                "evaluations", "seconds")}
     return result
 
 

@@ -296,8 +296,9 @@ class ExportSpec(_Section):
     precision the recipe leaves out keeps its default."""
 
     mixed_psnr_db: float = Field(default=30.0, gt=0, le=200)
-    """The image PSNR against the fp32 export that ``int8-mixed`` keeps (it leaves the fewest layers in fp32 that
-    reach it)."""
+    """The image PSNR that the mixed-precision variants keep: ``int8-mixed`` against the fp32 ONNX export (it
+    leaves the fewest layers in fp32 that reach it), ``coreml-mixed`` against the fp16 Core ML export (the
+    smallest mix of 4-, 6- and 8-bit palettized and fp16 weights that reaches it)."""
 
     @model_validator(mode="after")
     def _variants_of_listed_targets(self) -> ExportSpec:

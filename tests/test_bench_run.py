@@ -121,7 +121,7 @@ def test_bad_input_is_one_line_and_exit_2(ci_run, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_a_corrupt_artefact_stops_the_bench_and_keeps_the_old_report(ci_run, tmp_path):
+def test_a_corrupt_artefact_stops_the_bench_before_any_subject_runs_and_keeps_the_old_report(ci_run, tmp_path):
     run_dir, _ = ci_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, symlinks=True)
@@ -132,8 +132,9 @@ def test_a_corrupt_artefact_stops_the_bench_and_keeps_the_old_report(ci_run, tmp
     manifest = json.loads((copy / "4-bench" / "stage.json").read_text())
     (copy / "4-bench" / "stage.json").write_text(json.dumps({**manifest, "key": "stale"}))
     result = cli("bench", str(copy))
-    assert result.returncode == 2 and "onnxruntime cannot load it" in result.stderr, result.stderr
+    assert result.returncode == 2 and "unet/model.onnx: not a readable ONNX model" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+    assert not (copy / "4-bench" / "work").exists()  # found before the teacher's worker started
     assert (copy / "4-bench" / "report.json").read_bytes() == before
     assert (copy / "4-bench" / "report.html").is_file() and (copy / "4-bench" / "images").is_dir()
 

@@ -1,6 +1,7 @@
 """ONNX / Core ML export of the committed tiny-shapes teacher and a pruned student: real exporters,
 real onnxruntime sessions, optimum's pipeline, real quantizers."""
 
+import copy
 import gc
 import json
 import os
@@ -30,7 +31,7 @@ from edgesafe.export.onnx import export_component, latent_shape
 from edgesafe.export.parity import check_parity, component_parity, generate_pair, psnr_db
 from edgesafe.export.quantize import QuantizeInputs, int8_scheme, unet_calibration, weight_only_int8
 from edgesafe.export.runtime import session
-from edgesafe.models.inputs import unet_example_inputs
+from edgesafe.models.inputs import seeded_normal, unet_example_inputs
 from edgesafe.models.loading import load_pipeline
 from edgesafe.prune import prune_width
 from edgesafe.recipe import Tolerance, load_recipe
@@ -50,6 +51,20 @@ def test_parity_prompts_come_from_the_recipe(tmp_path):
     real = load_recipe("recipes/iphone15.yaml", overrides={"concepts": [], "finetune.solver": "kd",
                                                           "data.path": str(tmp_path / "images")})
     assert len(parity_prompts(real)) == 2 and set(parity_prompts(real)) <= captions
+
+
+def test_the_mixed_searches_take_their_prompts_sampling_and_target_from_the_recipe():
+    from edgesafe.export import TARGETS, parity_prompts
+
+    asked = load_recipe("recipes/tiny-shapes.yaml", overrides={
+        "export.targets": ["onnx", "coreml"], "export.quantize": ["coreml-mixed"], "export.mixed_psnr_db": 33,
+        "sampling.steps": 7, "sampling.guidance_scale": 3.5})
+    inputs = TARGETS["coreml"].prepare("the pipeline", asked)
+    assert (inputs.pipe, inputs.prompts, inputs.steps, inputs.guidance, inputs.psnr_db) == (
+        "the pipeline", parity_prompts(asked), 7, 3.5, 33)
+    not_asked = load_recipe("recipes/tiny-shapes.yaml", overrides={
+        "export.targets": ["coreml"], "export.quantize": ["coreml-palettize6"]})
+    assert TARGETS["coreml"].prepare("the pipeline", not_asked) is None  # nothing to prepare for it
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +310,11 @@ def coreml_dir(pipe, tmp_path_factory):
     return export_coreml(pipe, tmp_path_factory.mktemp("coreml") / "fp16")
 
 
+@pytest.fixture(scope="module")
+def palettized4(coreml_dir):
+    return quantize_coreml(coreml_dir, coreml_dir.parent / "coreml-palettize4", "coreml-palettize4")
+
+
 def test_coreml_packages_have_the_swift_pipelines_interface(pipe, coreml_dir):
     report = validate_coreml(pipe, coreml_dir)
     unet = report["packages"]["Unet"]
@@ -309,9 +329,10 @@ def test_coreml_packages_have_the_swift_pipelines_interface(pipe, coreml_dir):
 
 @pytest.mark.parametrize("method,op", [("coreml-linear8", "constexpr_affine_dequantize"),
                                        ("coreml-palettize4", "constexpr_lut_to_dense")])
-def test_coreml_quantizers_compress_the_unet(pipe, coreml_dir, tmp_path, method, op):
+def test_coreml_quantizers_compress_the_unet(pipe, coreml_dir, tmp_path, method, op, request):
     assert method in COREML_QUANTIZERS
-    out = quantize_coreml(coreml_dir, tmp_path / method, method)
+    out = request.getfixturevalue("palettized4") if method == "coreml-palettize4" else quantize_coreml(
+        coreml_dir, tmp_path / method, method)
     report = validate_coreml(pipe, out)
     base = validate_coreml(pipe, coreml_dir)["packages"]["Unet"]
     assert report["packages"]["Unet"]["ops"].get(op, 0) > 10
@@ -326,15 +347,15 @@ def test_a_coreml_folder_without_the_tokenizer_files_is_rejected(pipe, coreml_di
         validate_coreml(pipe, bad)
 
 
-@pytest.mark.parametrize("method,op", [("coreml-linear8", "constexpr_affine_dequantize"),
-                                       ("coreml-palettize6", "constexpr_lut_to_dense")])
+@pytest.mark.parametrize("method,op", [("linear8", "constexpr_affine_dequantize"),
+                                       ("palettize6", "constexpr_lut_to_dense")])
 def test_coreml_quantizers_leave_a_77_token_causal_mask_alone(pipe, tmp_path, method, op):
     """At SD's 77 tokens CLIP's causal mask (-inf above the diagonal) is big enough to count as a weight."""
     import copy
 
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from edgesafe.export.coreml import _convert, _specs, describe_package
+    from edgesafe.export.coreml import _convert, _specs, describe_package, linear8, palettize
 
     sd_length = copy.copy(pipe)
     sd_length.tokenizer = copy.deepcopy(pipe.tokenizer)
@@ -344,7 +365,8 @@ def test_coreml_quantizers_leave_a_77_token_causal_mask_alone(pipe, tmp_path, me
         vocab_size=len(pipe.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=77, projection_dim=64)).eval()
     factory, inputs, outputs = _specs(sd_length)["TextEncoder"]
-    COREML_QUANTIZERS[method](_convert(factory(), inputs, outputs)).save(str(tmp_path / "TextEncoder.mlpackage"))
+    compress = linear8 if method == "linear8" else palettize(6)
+    compress(_convert(factory(), inputs, outputs)).save(str(tmp_path / "TextEncoder.mlpackage"))
     assert describe_package(tmp_path / "TextEncoder.mlpackage")["ops"].get(op, 0) >= 4  # q, k, v, out, fc1, fc2
 
     # the bench reads the compressed weights back; at 77 positions the converter folds the position
@@ -359,11 +381,11 @@ def test_coreml_quantizers_leave_a_77_token_causal_mask_alone(pipe, tmp_path, me
     assert (positions - original).norm() / original.norm() < 0.1
 
 
-def test_coreml_weights_decompress_into_the_pytorch_pipeline(coreml_dir, tmp_path):
+def test_coreml_weights_decompress_into_the_pytorch_pipeline(palettized4):
     """What the bench measures for Core ML on Linux: the package's own (palettized, fp16) weights in PyTorch."""
     from edgesafe.export.coreml import load_coreml_weights
 
-    out = quantize_coreml(coreml_dir, tmp_path / "pal4", "coreml-palettize4")
+    out = palettized4
     fp32 = load_pipeline("zoo:tiny-shapes")
     student = load_pipeline("zoo:tiny-shapes")
     coverage = load_coreml_weights(student, out)
@@ -379,14 +401,56 @@ def test_coreml_weights_decompress_into_the_pytorch_pipeline(coreml_dir, tmp_pat
     assert 15 < psnr_db(ref, got) < 60
 
 
-def test_coreml_weights_of_another_model_are_refused(coreml_dir, tmp_path):
+def test_coreml_weights_of_another_model_are_refused(palettized4):
     from edgesafe.export.coreml import load_coreml_weights
 
     pipe = load_pipeline("zoo:tiny-shapes")
     pipe.unet = prune_width(pipe.unet, 0.5, example_inputs=unet_example_inputs(pipe.unet, batch=1, text_length=16)).unet
-    out = quantize_coreml(coreml_dir, tmp_path / "pal6", "coreml-palettize6")
     with pytest.raises(EdgesafeError, match="matches no parameter of the unet"):
-        load_coreml_weights(pipe, out)
+        load_coreml_weights(pipe, palettized4)
+
+
+def test_the_mixed_palettization_widens_the_fragile_weight_and_no_more_than_it_needs(tmp_path):
+    """The fragile UNet's feed-forward projection has a column of weights 1000x smaller than the rest (its input
+    channel 1000x larger): one 16-entry palette cannot hold both scales, and the loss shows in the image."""
+    from edgesafe.export.coreml import describe_package, load_coreml_weights
+    from edgesafe.export.palettization import ANALYSIS, MixedBitInputs
+
+    pipe = _fragile_pipeline()
+    fp16 = export_coreml(pipe, tmp_path / "fp16")
+    prompts = ["a red circle on a plain background", "a blue square with stripes"]
+    out = quantize_coreml(fp16, tmp_path / "mixed", "coreml-mixed", MixedBitInputs(pipe, prompts, 4, 5.0, 25.0))
+    analysis = json.loads((out / ANALYSIS).read_text())
+    fragile = "Unet:down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight"
+    weights = {w["name"]: w for w in analysis["weights"]}
+    assert min(weights, key=lambda k: weights[k]["psnr_db_alone"]["4"]) == fragile  # measured most sensitive
+    assert analysis["all_4bit_psnr_db"] < 25 <= analysis["psnr_db"]
+    assert weights[fragile]["bits"] > 4 and analysis["searched"][str(analysis["widenings"] - 1)] < 25
+    assert analysis["weights_at_bits"]["4"] >= len(weights) - 2 and analysis["bytes"] < 0.3 * analysis["fp16_bytes"]
+    ops = describe_package(out / "Unet.mlpackage")["ops"]
+    assert ops.get("constexpr_lut_to_dense", 0) > 20
+
+    device, reference = (load_pipeline("zoo:tiny-shapes") for _ in range(2))  # what the device computes with
+    for p, folder in ((device, out), (reference, fp16)):
+        p.unet = copy.deepcopy(pipe.unet)
+        load_coreml_weights(p, folder)
+    wide = dict(device.unet.named_parameters())[fragile.split(":")[1]]
+    assert 16 < wide.unique().numel() <= 2 ** weights[fragile]["bits"]
+    assert device.unet.down_blocks[0].resnets[0].conv1.weight.unique().numel() <= 16
+    latents = seeded_normal(latent_shape(pipe, 2), 0)  # the search's latents: the target holds where measured
+    got, ref = (p(prompts, latents=latents.clone(), num_inference_steps=4, guidance_scale=5.0, output_type="np").images
+                for p in (device, reference))
+    assert psnr_db(ref, got) == pytest.approx(analysis["psnr_db"], abs=1e-3)
+
+    # made again over its folder with a new target: the per-weight figures are reused, only the search runs
+    again = json.loads((quantize_coreml(fp16, out, "coreml-mixed", MixedBitInputs(pipe, prompts, 4, 5.0, 32.0))
+                        / ANALYSIS).read_text())
+    assert again["reused_ranking"] and again["weights"][0]["psnr_db_alone"] == analysis["weights"][0]["psnr_db_alone"]
+    assert again["evaluations"] < 12 and again["psnr_db"] >= 32 and again["mean_bits"] > analysis["mean_bits"]
+    with pytest.raises(EdgesafeError, match=r"coreml-mixed: no palettized mix reaches 150 dB against fp16; with "
+                                            r"only \S+ at \d+ bits the images are at [\d.]+ dB"):
+        quantize_coreml(fp16, out, "coreml-mixed", MixedBitInputs(pipe, prompts, 4, 5.0, 150.0))
+    assert json.loads((out / ANALYSIS).read_text())["target_psnr_db"] == 32  # the last good one stays
 
 
 def signal_stack() -> tuple[int, int]:

@@ -219,6 +219,8 @@ def bench_stage(ctx: StageContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     recipe, root = ctx.recipe, ctx.run.root
     subjects = discover(root, recipe.model.source, ctx.previous)
+    for s in subjects:  # a corrupt artefact stops here, before any subject runs
+        SUBJECT_KINDS[s.kind].check(s)
     detectors = build_detectors(recipe)  # missing weights stop here, before any image is made
     groups = prompt_groups(recipe)
     shape = latent_shape(recipe.model.source)

@@ -123,10 +123,29 @@ def _onnx(subject: Subject) -> ExportedRunner:
     return ExportedRunner(subject, OnnxPipeline)
 
 
+def _check_onnx(subject: Subject) -> None:
+    from ..export.runtime import OnnxPipeline
+
+    OnnxPipeline.check(Path(subject.path))
+
+
 def _openvino(subject: Subject) -> ExportedRunner:
     from ..export.openvino import OpenVinoPipeline
 
     return ExportedRunner(subject, OpenVinoPipeline)
+
+
+def _check_openvino(subject: Subject) -> None:
+    from ..export.openvino import OpenVinoPipeline
+
+    OpenVinoPipeline.check(Path(subject.path))
+
+
+def _check_coreml(subject: Subject) -> None:
+    from ..export.coreml import PACKAGE_MODULES, describe_package
+
+    for package in PACKAGE_MODULES:
+        describe_package(Path(subject.path) / f"{package}.mlpackage")
 
 
 class CoremlWeightsRunner(TorchRunner):
@@ -150,16 +169,19 @@ class SubjectKind:
     runner: Callable[[Subject], Any]
     latency_note: str | None = None
     """Why host latency is not measured for this kind (None: it is)."""
+    check: Callable[[Subject], None] = lambda subject: None
+    """Parse the subject's files without loading them into a runtime, raising one clear error for a corrupt
+    one: the bench checks every subject this way before it runs any."""
 
 
 SUBJECT_KINDS: dict[str, SubjectKind] = {
     "pytorch": SubjectKind(TorchRunner),
-    "onnx": SubjectKind(_onnx),
-    "openvino": SubjectKind(_openvino),
+    "onnx": SubjectKind(_onnx, check=_check_onnx),
+    "openvino": SubjectKind(_openvino, check=_check_openvino),
     "coreml-weights": SubjectKind(
         CoremlWeightsRunner,
         "Core ML predicts only on macOS: weights measured in PyTorch for quality and safety; latency is the "
-        "device runner's"),
+        "device runner's", check=_check_coreml),
 }
 
 

@@ -21,6 +21,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,14 +131,17 @@ def _every_finite_weight(model, op_config):
     return cto.OptimizationConfig(global_config=op_config, op_name_configs=skip)
 
 
-def _linear8(model):
+def linear8(model):
+    """``model`` with linear symmetric INT8 weights."""
     import coremltools.optimize.coreml as cto
 
     op_config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8")
     return cto.linear_quantize_weights(model, _every_finite_weight(model, op_config))
 
 
-def _palettize(nbits: int):
+def palettize(nbits: int) -> Callable:
+    """A function palettizing every weight of a model to ``nbits`` by k-means (one look-up table per weight)."""
+
     def apply(model):
         import coremltools.optimize.coreml as cto
 
@@ -147,13 +151,39 @@ def _palettize(nbits: int):
     return apply
 
 
-COREML_QUANTIZERS: dict[str, Callable] = {
-    "coreml-linear8": _linear8,
-    "coreml-palettize4": _palettize(4),
-    "coreml-palettize6": _palettize(6),
-    "coreml-palettize8": _palettize(8),
-}
 COMPRESSED = ("Unet", "TextEncoder")  # the packages a weight quantizer rewrites; the VAE stays fp16
+
+
+def rewrite_packages(folder: Path, compress: Callable, names: tuple[str, ...] = COMPRESSED) -> None:
+    """Replace each package ``names`` of ``folder`` by ``compress(package)``."""
+    import coremltools as ct
+
+    for name in names:
+        path = folder / f"{name}.mlpackage"
+        model = compress(ct.models.MLModel(str(path), skip_model_load=True))
+        shutil.rmtree(path)
+        model.save(str(path))
+
+
+def _every_package(compress: Callable) -> Callable[[Path, Any], None]:
+    return lambda folder, _: rewrite_packages(folder, compress)
+
+
+def _mixed(folder: Path, inputs: Any) -> None:
+    from .palettization import mixed_palettize
+
+    mixed_palettize(folder, inputs)
+
+
+COREML_QUANTIZERS: dict[str, Callable[[Path, Any], None]] = {
+    "coreml-linear8": _every_package(linear8),
+    "coreml-palettize4": _every_package(palettize(4)),
+    "coreml-palettize6": _every_package(palettize(6)),
+    "coreml-palettize8": _every_package(palettize(8)),
+    "coreml-mixed": _mixed,
+}
+"""Variant -> what rewrites the packages of a copy of the fp16 export in place, given the target's prepared
+inputs (``coreml-mixed``'s :class:`~.palettization.MixedBitInputs`)."""
 
 
 def export_coreml(pipe: StableDiffusionPipeline, out: Path) -> Path:
@@ -166,16 +196,15 @@ def export_coreml(pipe: StableDiffusionPipeline, out: Path) -> Path:
     return Path(out)
 
 
-def quantize_coreml(src: Path, dst: Path, method: str) -> Path:
-    """Copy the Core ML export ``src`` to ``dst`` with ``method`` applied to the UNet and text encoder."""
-    import coremltools as ct
+def quantize_coreml(src: Path, dst: Path, method: str, inputs: Any = None) -> Path:
+    """Copy the Core ML export ``src`` to ``dst`` with ``method`` applied to the UNet and text encoder (a
+    ``coreml-mixed`` analysis already in ``dst`` is carried over for the search to reuse)."""
+    from .palettization import ANALYSIS
 
     with atomic_dir(dst, copy_from=src) as partial:
-        for name in COMPRESSED:
-            path = partial / f"{name}.mlpackage"
-            model = COREML_QUANTIZERS[method](ct.models.MLModel(str(path), skip_model_load=True))
-            shutil.rmtree(path)
-            model.save(str(path))
+        if (dst / ANALYSIS).is_file():
+            shutil.copy2(dst / ANALYSIS, partial / ANALYSIS)
+        COREML_QUANTIZERS[method](partial, inputs)
     return dst
 
 
@@ -228,44 +257,54 @@ def validate_coreml(pipe: StableDiffusionPipeline, folder: Path) -> dict:
     return report
 
 
-_PACKAGE_MODULES = {"TextEncoder": ("text_encoder", "text_encoder"), "Unet": ("unet", "unet"),
-                    "VAEDecoder": ("vae", "vae")}
+PACKAGE_MODULES = {"TextEncoder": ("text_encoder", "text_encoder"), "Unet": ("unet", "unet"),
+                   "VAEDecoder": ("vae", "vae")}
 """Package -> (pipeline component, the wrapper's attribute name that prefixes its weights' names)."""
 
 
 def _package_weights(path: Path) -> dict[str, np.ndarray]:
-    """Every constant of a package, compressed ones decompressed to dense float, by MIL op name."""
+    """Every constant of a package, compressed ones decompressed to dense float (the values the device computes
+    with), by MIL op name. Each compressed-weight op is decompressed where it stands (coremltools'
+    ``decompress_weights`` converts the whole program again, about 10x slower); the look-up tables, indices
+    and scales it reads are left out."""
     import coremltools as ct
-    import coremltools.optimize.coreml as cto
     from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
     from coremltools.models.utils import _convert_model_spec_to_pymil_prog
 
-    dense = cto.decompress_weights(ct.models.MLModel(str(path), skip_model_load=True))
-    prog = _convert_model_spec_to_pymil_prog(dense, dense.get_spec().specificationVersion, load_milproto)
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    prog = _convert_model_spec_to_pymil_prog(model, model.get_spec().specificationVersion, load_milproto)
     consts: dict[str, np.ndarray] = {}
+    parts: set[str] = set()  # the inputs of compressed-weight ops
 
     def visit(block) -> None:
         for op in block.operations:
             for inner in op.blocks:
                 visit(inner)
-            if op.op_type == "const" and isinstance(op.val.val, np.ndarray):
+            if op.op_type.startswith("constexpr_"):
+                consts[op.name] = op.materialized_val_inference()
+                parts.update(var.op.name for var in op.inputs.values() if var.op is not None)
+            elif op.op_type == "const" and isinstance(op.val.val, np.ndarray):
                 consts[op.name] = op.val.val
 
     for function in prog.functions.values():
         visit(function)
-    return consts
+    return {name: value for name, value in consts.items() if name not in parts}
 
 
-@torch.no_grad()
-def load_package_weights(module: nn.Module, path: Path, prefix: str, names: list[str] | None = None) -> float:
-    """Overwrite ``module``'s parameters (``names``, default all) with the dense values of the constants of
-    the package at ``path``; return the share of their elements taken from it.
+PALETTIZED, QUANTIZED = "_palettized", "_quantized"
+"""What coremltools appends to the name of a constant it palettized / linearly quantized."""
+
+
+def package_parameters(module: nn.Module, path: Path, prefix: str,
+                       names: list[str] | None = None) -> dict[str, tuple[str, np.ndarray]]:
+    """The constants of the package at ``path`` that hold ``module``'s parameters (``names``, default all):
+    parameter -> (constant's name, its dense value).
 
     The converter names a weight's constant after its parameter (``unet.conv_in.weight`` ->
     ``unet_conv_in_weight_to_fp16[_palettized]``). A constant it computed from a parameter (CLIP's position
     embeddings gathered at fixed positions become ``position_embeddings_to_fp16``) is matched by value: the
     parameter of the same size it is closest to. A compressed constant matching no parameter is an error,
-    since the measurement would silently miss it."""
+    since a measurement would silently miss it."""
     if not path.is_dir():
         raise EdgesafeError(f"{path}: missing Core ML package")
     consts = {name: value for name, value in _package_weights(path).items() if "_to_fp16" in name}
@@ -278,7 +317,7 @@ def load_package_weights(module: nn.Module, path: Path, prefix: str, names: list
         if const is not None and consts[const].size == param.numel():
             assigned[name] = const
     used = set(assigned.values())
-    for const in (c for c in consts if c.endswith(("_palettized", "_quantized")) and c not in used):
+    for const in (c for c in consts if c.endswith((PALETTIZED, QUANTIZED)) and c not in used):
         value = torch.from_numpy(np.asarray(consts[const], np.float32)).flatten()
         errors = {name: float((value - p.detach().flatten()).norm() / p.detach().norm().clamp(min=1e-12))
                   for name, p in params.items() if name not in assigned and p.numel() == value.numel()}
@@ -286,10 +325,19 @@ def load_package_weights(module: nn.Module, path: Path, prefix: str, names: list
         if best is None or errors[best] > 0.25:
             raise EdgesafeError(f"{path}: compressed weight {const} matches no parameter of the {prefix}")
         assigned[best] = const
-    for name, const in assigned.items():
-        params[name].copy_(torch.from_numpy(np.asarray(consts[const], np.float32)).reshape(params[name].shape))
-    total = sum(p.numel() for p in params.values())
-    return round(sum(params[n].numel() for n in assigned) / max(1, total), 4)
+    return {name: (const, consts[const]) for name, const in assigned.items()}
+
+
+@torch.no_grad()
+def load_package_weights(module: nn.Module, path: Path, prefix: str, names: list[str] | None = None) -> float:
+    """Overwrite ``module``'s parameters (``names``, default all) with the dense values of the package at
+    ``path`` (:func:`package_parameters`); return the share of their elements taken from it."""
+    params = dict(module.named_parameters())
+    found = package_parameters(module, path, prefix, names)
+    for name, (_, value) in found.items():
+        params[name].copy_(torch.from_numpy(np.asarray(value, np.float32)).reshape(params[name].shape))
+    total = sum(params[n].numel() for n in (names if names is not None else params))
+    return round(sum(params[n].numel() for n in found) / max(1, total), 4)
 
 
 def load_coreml_weights(pipe: StableDiffusionPipeline, folder: Path) -> dict[str, float]:
@@ -298,7 +346,7 @@ def load_coreml_weights(pipe: StableDiffusionPipeline, folder: Path) -> dict[str
     so PyTorch measures the quality and safety of what the device runs. Returns, per package, the share of
     the component's parameter elements taken from it (see :func:`load_package_weights`)."""
     coverage = {}
-    for package, (component, prefix) in _PACKAGE_MODULES.items():
+    for package, (component, prefix) in PACKAGE_MODULES.items():
         module = getattr(pipe, component)
         names = None
         if component == "vae":  # the decoder package holds the decoder's half of the VAE

@@ -149,6 +149,14 @@ class OpenVinoPipeline(ExportedPipeline):
     model_file = MODEL_FILE
     runtime = "OpenVINO"
 
+    @staticmethod
+    @keeps_signal_stack
+    def parse(path: Path) -> None:
+        try:
+            _core().read_model(str(path))
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+            raise ModelLoadError(f"{path}: not a readable OpenVINO model ({first_line(exc)})") from None
+
     def load(self, path: Path):
         return compile_ir(path, threads=self.threads)
 

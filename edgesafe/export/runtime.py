@@ -14,6 +14,7 @@ from pathlib import Path
 
 import diffusers
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from transformers import CLIPTokenizer
@@ -43,11 +44,7 @@ class ExportedPipeline:
 
     def __init__(self, folder: Path, *, threads: int = 0):
         folder = Path(folder)
-        files = {n: folder / n / self.model_file for n in COMPONENTS if (folder / n / self.model_file).is_file()}
-        missing = [n for n in ("text_encoder", "unet", "vae_decoder") if n not in files]
-        if missing or not (folder / "model_index.json").is_file():
-            what = ", ".join(missing) or "model_index.json"
-            raise ModelLoadError(f"{folder}: not an exported {self.runtime} pipeline (missing {what})")
+        files = self.files(folder)
         t0 = time.perf_counter()
         self.threads = threads
         self.sessions = {name: self.load(path) for name, path in files.items()}
@@ -60,6 +57,28 @@ class ExportedPipeline:
         self.scheduler_cls = scheduler_cls
         vae = read_json(folder / "vae_decoder" / "config.json")
         self.scaling_factor = vae["scaling_factor"]
+
+    @classmethod
+    def files(cls, folder: Path) -> dict[str, Path]:
+        """Component -> model file of ``folder``; one clear error when one the pipeline needs is missing."""
+        files = {n: folder / n / cls.model_file for n in COMPONENTS if (folder / n / cls.model_file).is_file()}
+        missing = [n for n in ("text_encoder", "unet", "vae_decoder") if n not in files]
+        if missing or not (folder / "model_index.json").is_file():
+            what = ", ".join(missing) or "model_index.json"
+            raise ModelLoadError(f"{folder}: not an exported {cls.runtime} pipeline (missing {what})")
+        return files
+
+    @classmethod
+    def check(cls, folder: Path) -> None:
+        """Parse every model file of ``folder`` without loading it into the runtime (seconds, where loading
+        takes minutes at real size), so that a corrupt artefact is found before any work."""
+        for path in cls.files(Path(folder)).values():
+            cls.parse(path)
+
+    @staticmethod
+    def parse(path: Path) -> None:
+        """Read one component file's graph; raise :class:`ModelLoadError` if it is not a model."""
+        raise NotImplementedError
 
     def load(self, path: Path):
         """The runtime's loaded model of one component file."""
@@ -98,6 +117,13 @@ class OnnxPipeline(ExportedPipeline):
 
     model_file = "model.onnx"
     runtime = "ONNX"
+
+    @staticmethod
+    def parse(path: Path) -> None:
+        try:
+            onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf's DecodeError and onnx's own errors alike
+            raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
 
     def load(self, path: Path) -> ort.InferenceSession:
         return session(path, threads=self.threads)

@@ -19,6 +19,7 @@ from ..recipe import Recipe
 from .coreml import COREML_QUANTIZERS, export_coreml, quantize_coreml, validate_coreml
 from .onnx import export_onnx, folder_bytes
 from .openvino import OPENVINO_QUANTIZERS, OpenVinoPipeline, export_openvino, quantize_openvino
+from .palettization import MixedBitInputs
 from .parity import data_captions, parity_prompts, pipeline_parity
 from .quantize import ONNX_PRECISIONS, ONNX_QUANTIZERS, QuantizeInputs, quantize_folder, unet_calibration
 from .runtime import ExportedPipeline, OnnxPipeline
@@ -76,6 +77,14 @@ def quantize_inputs(pipe: StableDiffusionPipeline, recipe: Recipe) -> QuantizeIn
                           parity_prompts(recipe), steps, guidance, recipe.export.mixed_psnr_db)
 
 
+def mixed_bit_inputs(pipe: StableDiffusionPipeline, recipe: Recipe) -> MixedBitInputs | None:
+    """``coreml-mixed``'s pipeline, prompts, sampling and target (None where the recipe does not ask for it)."""
+    if "coreml-mixed" not in recipe.export.quantize:
+        return None
+    return MixedBitInputs(pipe, parity_prompts(recipe), recipe.sampling.steps, recipe.sampling.guidance_scale,
+                          recipe.export.mixed_psnr_db)
+
+
 TARGETS: dict[str, Target] = {
     "onnx": Target(
         base="fp32",
@@ -94,12 +103,13 @@ TARGETS: dict[str, Target] = {
         base="fp16",
         export=lambda pipe, out, recipe: export_coreml(pipe, out),
         quantizers=COREML_QUANTIZERS,
-        quantize=lambda src, dst, method, _: quantize_coreml(src, dst, method),
+        quantize=quantize_coreml,
         check=lambda pipe, folder, recipe: validate_coreml(pipe, folder),
         summary=lambda f: {"bytes": sum(p["bytes"] for p in f["packages"].values()), "predicted": f["predicted"]},
         subject_kind="coreml-weights",
         subject_label="Core ML {variant} weights (in PyTorch)",
         requires={"coreml": "coreml"},
+        prepare=mixed_bit_inputs,
     ),
     "openvino": Target(
         base="fp32",
