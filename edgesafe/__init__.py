@@ -12,9 +12,20 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.msg)
 
 from .errors import BudgetError, CheckpointError, EdgesafeError, ModelLoadError, RecipeError  # noqa: E402
-from .models.loading import load_evaluator, load_pipeline  # noqa: E402
-from .models.structure import PrunedUNet2DConditionModel  # noqa: E402
-from .recipe import Recipe, load_recipe  # noqa: E402
+
+_LAZY = {"load_evaluator": "models.loading", "load_pipeline": "models.loading",
+         "PrunedUNet2DConditionModel": "models.structure", "Recipe": "recipe", "load_recipe": "recipe"}
+"""Names imported on first use (torch and diffusers take seconds to import; ``edgesafe check`` needs neither).
+diffusers finds ``PrunedUNet2DConditionModel`` here by name when it loads a pruned student's folder."""
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'edgesafe' has no attribute {name!r}")
+
 
 __all__ = [
     "BudgetError",

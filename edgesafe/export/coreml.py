@@ -262,17 +262,23 @@ PACKAGE_MODULES = {"TextEncoder": ("text_encoder", "text_encoder"), "Unet": ("un
 """Package -> (pipeline component, the wrapper's attribute name that prefixes its weights' names)."""
 
 
-def _package_weights(path: Path) -> dict[str, np.ndarray]:
-    """Every constant of a package, compressed ones decompressed to dense float (the values the device computes
-    with), by MIL op name. Each compressed-weight op is decompressed where it stands (coremltools'
-    ``decompress_weights`` converts the whole program again, about 10x slower); the look-up tables, indices
-    and scales it reads are left out."""
+def _program(path: Path):
+    """The MIL program of the package at ``path`` and its model."""
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
     from coremltools.models.utils import _convert_model_spec_to_pymil_prog
 
+    if not path.is_dir():
+        raise EdgesafeError(f"{path}: missing Core ML package")
     model = ct.models.MLModel(str(path), skip_model_load=True)
-    prog = _convert_model_spec_to_pymil_prog(model, model.get_spec().specificationVersion, load_milproto)
+    return _convert_model_spec_to_pymil_prog(model, model.get_spec().specificationVersion, load_milproto), model
+
+
+def _constants(prog) -> dict[str, np.ndarray]:
+    """Every constant of a MIL program, compressed ones decompressed to dense float (the values the device
+    computes with), by op name. Each compressed-weight op is decompressed where it stands (coremltools'
+    ``decompress_weights`` converts the whole program again, about 10x slower); the look-up tables, indices
+    and scales it reads are left out."""
     consts: dict[str, np.ndarray] = {}
     parts: set[str] = set()  # the inputs of compressed-weight ops
 
@@ -291,23 +297,42 @@ def _package_weights(path: Path) -> dict[str, np.ndarray]:
     return {name: value for name, value in consts.items() if name not in parts}
 
 
+def package_constants(path: Path) -> dict[str, np.ndarray]:
+    """:func:`_constants` of the package at ``path``."""
+    return _constants(_program(path)[0])
+
+
+def palettized_constants(path: Path, nbits: int) -> dict[str, np.ndarray]:
+    """The constants the package at ``path`` would hold palettized by :func:`palettize` ``(nbits)``, without
+    writing it: coremltools' palettization pass on the program alone (writing converts the whole program again,
+    most of the time palettizing takes)."""
+    import coremltools.optimize.coreml as cto
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    from coremltools.models.utils import _apply_graph_pass
+
+    prog, model = _program(path)
+    config = _every_finite_weight(model, cto.OpPalettizerConfig(mode="kmeans", nbits=nbits))
+    palettizer = PASS_REGISTRY["compression::palettize_weights"]
+    palettizer.set_options([PassOption("config", config), PassOption("joint_compression", False)])
+    return _constants(_apply_graph_pass(model, palettizer, return_pymil_prog=True))
+
+
 PALETTIZED, QUANTIZED = "_palettized", "_quantized"
 """What coremltools appends to the name of a constant it palettized / linearly quantized."""
 
 
-def package_parameters(module: nn.Module, path: Path, prefix: str,
-                       names: list[str] | None = None) -> dict[str, tuple[str, np.ndarray]]:
-    """The constants of the package at ``path`` that hold ``module``'s parameters (``names``, default all):
-    parameter -> (constant's name, its dense value).
+def package_parameters(module: nn.Module, consts: dict[str, np.ndarray], prefix: str, names: list[str] | None = None,
+                       *, where: Path | str = "the package") -> dict[str, tuple[str, np.ndarray]]:
+    """The constants of a package (``consts``, from ``where``) that hold ``module``'s parameters (``names``,
+    default all): parameter -> (constant's name, its dense value).
 
     The converter names a weight's constant after its parameter (``unet.conv_in.weight`` ->
     ``unet_conv_in_weight_to_fp16[_palettized]``). A constant it computed from a parameter (CLIP's position
     embeddings gathered at fixed positions become ``position_embeddings_to_fp16``) is matched by value: the
     parameter of the same size it is closest to. A compressed constant matching no parameter is an error,
     since a measurement would silently miss it."""
-    if not path.is_dir():
-        raise EdgesafeError(f"{path}: missing Core ML package")
-    consts = {name: value for name, value in _package_weights(path).items() if "_to_fp16" in name}
+    consts = {name: value for name, value in consts.items() if "_to_fp16" in name}
     params = dict(module.named_parameters())
     params = {n: params[n] for n in names} if names is not None else params
     by_stem = {name.partition("_to_fp16")[0]: name for name in consts}
@@ -323,7 +348,7 @@ def package_parameters(module: nn.Module, path: Path, prefix: str,
                   for name, p in params.items() if name not in assigned and p.numel() == value.numel()}
         best = min(errors, key=errors.get, default=None)
         if best is None or errors[best] > 0.25:
-            raise EdgesafeError(f"{path}: compressed weight {const} matches no parameter of the {prefix}")
+            raise EdgesafeError(f"{where}: compressed weight {const} matches no parameter of the {prefix}")
         assigned[best] = const
     return {name: (const, consts[const]) for name, const in assigned.items()}
 
@@ -333,7 +358,7 @@ def load_package_weights(module: nn.Module, path: Path, prefix: str, names: list
     """Overwrite ``module``'s parameters (``names``, default all) with the dense values of the package at
     ``path`` (:func:`package_parameters`); return the share of their elements taken from it."""
     params = dict(module.named_parameters())
-    found = package_parameters(module, path, prefix, names)
+    found = package_parameters(module, package_constants(path), prefix, names, where=path)
     for name, (_, value) in found.items():
         params[name].copy_(torch.from_numpy(np.asarray(value, np.float32)).reshape(params[name].shape))
     total = sum(params[n].numel() for n in (names if names is not None else params))

@@ -6,10 +6,12 @@ macOS, so images are made in PyTorch with the packages' decompressed weights, th
 with (as the bench's ``coreml-weights`` subject does), from the parity prompts and fixed latents; the reference
 is the fp16 export's weights.
 
-1. Each package is palettized whole at 4 bits by coremltools' k-means (one look-up table per weight) and its
-   images compared with the reference; if they meet the target, that is the variant.
+1. Each package is palettized whole at 4 bits by coremltools' k-means (one look-up table per weight; the pass
+   runs on the program in memory, the package is not written) and its images compared with the reference; if
+   they meet the target, that is the variant.
 2. Otherwise the packages are palettized whole at 6 and 8 bits too, and each weight's effect alone is measured
-   at each width (the reference with only that weight palettized).
+   at each width (the reference with only that weight palettized). A target that even the least sensitive
+   weight alone at 8 bits misses is refused there.
 3. Errors of separate weights add roughly as mean squared errors, so widenings are ordered greedily by the
    error they remove per byte they add, from every weight at 4 bits to every weight in fp16, and the search
    bisects on how far along that order to go: the shortest prefix whose measured images meet the target.
@@ -27,8 +29,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +47,7 @@ from .coreml import (
     PALETTIZED,
     load_coreml_weights,
     package_parameters,
-    palettize,
+    palettized_constants,
     rewrite_packages,
 )
 from .onnx import latent_shape
@@ -90,11 +90,10 @@ class _Weight:
 
 
 class _Images:
-    """A PyTorch copy of the pipeline whose palettizable weights can be set to any width, and its images; the
-    packages palettized whole at each width are kept in ``tmp``."""
+    """A PyTorch copy of the pipeline whose palettizable weights can be set to any width, and its images."""
 
-    def __init__(self, folder: Path, inputs: MixedBitInputs, tmp: Path):
-        self.folder, self.inputs, self.tmp = folder, inputs, tmp
+    def __init__(self, folder: Path, inputs: MixedBitInputs):
+        self.folder, self.inputs = folder, inputs
         self.pipe = copy.copy(inputs.pipe)
         for component in ("unet", "text_encoder", "vae"):  # loading the packages' weights rewrites them
             setattr(self.pipe, component, copy.deepcopy(getattr(inputs.pipe, component)))
@@ -104,28 +103,25 @@ class _Images:
         self.evaluations = 0
         self.weights: dict[str, _Weight] = {}
         self.values: dict[str, dict[int, torch.Tensor]] = {}  # weight -> width -> value (fp16 is exact)
-        self.palettized: dict[int, Path] = {}  # width -> folder of the packages palettized whole
         self.palettize(LEVELS[0])  # the weights are those palettized at the lowest width
 
     def palettize(self, bits: int) -> None:
-        """Palettize every package whole at ``bits`` and keep each weight's value."""
-        out = self.tmp / str(bits)
-        for package in COMPRESSED:
-            shutil.copytree(self.folder / f"{package}.mlpackage", out / f"{package}.mlpackage")
-        rewrite_packages(out, palettize(bits))
+        """Keep each weight's value with the packages palettized whole at ``bits``."""
+        first = not self.weights
         params = self._params()
         for package in COMPRESSED:
             component, prefix = PACKAGE_MODULES[package]
-            found = package_parameters(getattr(self.pipe, component), out / f"{package}.mlpackage", prefix)
+            path = self.folder / f"{package}.mlpackage"
+            found = package_parameters(getattr(self.pipe, component), palettized_constants(path, bits), prefix,
+                                       where=path)
             for param, (const, value) in found.items():
                 key = f"{package}:{param}"
-                if not const.endswith(PALETTIZED) or (self.palettized and key not in self.weights):
+                if not const.endswith(PALETTIZED) or not (first or key in self.weights):
                     continue
-                if not self.palettized:
+                if first:
                     self.weights[key] = _Weight(package, param, const.removesuffix(PALETTIZED), int(value.size))
                     self.values[key] = {FP16: params[key].detach().half().clone()}
                 self.values[key][bits] = torch.from_numpy(np.asarray(value, np.float16)).reshape(params[key].shape)
-        self.palettized[bits] = out
 
     def _params(self) -> dict[str, torch.nn.Parameter]:
         return {f"{package}:{name}": p for package in COMPRESSED
@@ -146,22 +142,16 @@ class _Images:
         return psnr_db(self.reference, self._images())
 
     def write(self, bits: dict[str, int]) -> float:
-        """Palettize the packages in :attr:`folder` to each weight's ``bits`` (a package whose weights share one
-        width is the one palettized whole); return the image PSNR of the written packages."""
+        """Palettize the packages in :attr:`folder` to each weight's ``bits``; return the image PSNR of the
+        written packages."""
         import coremltools.optimize.coreml as cto
 
         for package in COMPRESSED:
-            mine = {bits[k] for k, w in self.weights.items() if w.package == package}
-            if mine == {FP16}:  # the package stays as exported
-                continue
-            if len(mine) == 1 and (width := mine.pop()) in self.palettized:
-                shutil.rmtree(self.folder / f"{package}.mlpackage")
-                shutil.copytree(self.palettized[width] / f"{package}.mlpackage", self.folder / f"{package}.mlpackage")
-                continue
             names = {w.const: None if bits[k] == FP16 else cto.OpPalettizerConfig(mode="kmeans", nbits=bits[k])
                      for k, w in self.weights.items() if w.package == package}
-            config = cto.OptimizationConfig(op_name_configs=names)
-            rewrite_packages(self.folder, lambda model, config=config: cto.palettize_weights(model, config), (package,))
+            if any(names.values()):  # else the package stays as exported
+                config = cto.OptimizationConfig(op_name_configs=names)
+                rewrite_packages(self.folder, lambda model, c=config: cto.palettize_weights(model, c), (package,))
         self.evaluations += 1
         load_coreml_weights(self.pipe, self.folder)
         return psnr_db(self.reference, self._images())
@@ -178,35 +168,38 @@ def mixed_palettize(folder: Path, inputs: MixedBitInputs) -> dict[str, Any]:
     target = inputs.psnr_db
     key = _key(folder, inputs)
     previous = read_json(folder / ANALYSIS) if (folder / ANALYSIS).is_file() else {}
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        images = _Images(folder, inputs, Path(tmp))
-        weights = images.weights
-        if not weights:
-            raise EdgesafeError(f"coreml-mixed: {folder} has no weight to palettize")
-        lowest = dict.fromkeys(weights, LEVELS[0])
-        tried = {0: images.psnr(lowest)}
-        order: list[tuple[str, int]] = []
-        alone: dict[str, dict[int, float]] = {}
-        reused = previous.get("key") == key and "psnr_db_alone" in (previous.get("weights") or [{}])[0]
-        if tried[0] < target:
+    images = _Images(folder, inputs)
+    weights = images.weights
+    if not weights:
+        raise EdgesafeError(f"coreml-mixed: {folder} has no weight to palettize")
+    lowest = dict.fromkeys(weights, LEVELS[0])
+    tried = {0: images.psnr(lowest)}
+    order: list[tuple[str, int]] = []
+    alone: dict[str, dict[int, float]] = {}
+    reused = previous.get("key") == key and "psnr_db_alone" in (previous.get("weights") or [{}])[0]
+    if tried[0] < target:
+        if reused:
+            alone = {w["name"]: {int(b): v for b, v in w["psnr_db_alone"].items()} for w in previous["weights"]}
+        else:
             for bits in LEVELS[1:]:
                 images.palettize(bits)
-            if reused:
-                alone = {w["name"]: {int(b): v for b, v in w["psnr_db_alone"].items()} for w in previous["weights"]}
-            else:
-                alone = {k: {bits: images.psnr({k: bits}) for bits in LEVELS} for k in weights}
-            order = _widenings(list(weights.values()), alone)
-        low, high = 0, len(order)  # low misses the target; high (every weight in fp16) is the reference itself
-        while high - low > 1:
-            mid = (low + high) // 2
-            tried[mid] = images.psnr(_mix(lowest, order[:mid]))
-            low, high = (low, mid) if tried[mid] >= target else (mid, high)
-        bits = _mix(lowest, order[:high])
-        if all(b == FP16 for b in bits.values()):
-            (last, width), = ((k, b) for k, b in _mix(lowest, order[:-1]).items() if b != FP16)
-            raise EdgesafeError(f"coreml-mixed: no palettized mix reaches {target:g} dB against fp16; with only "
-                                f"{last} at {width} bits the images are at {tried[high - 1]:.1f} dB")
-        written = images.write(bits)
+            alone = {k: {bits: images.psnr({k: bits}) for bits in LEVELS} for k in weights}
+        best = max(alone, key=lambda k: alone[k][LEVELS[-1]])  # the least error short of fp16 itself
+        if alone[best][LEVELS[-1]] < target:
+            raise EdgesafeError(_impossible(target, best, LEVELS[-1], alone[best][LEVELS[-1]]))
+        for bits in (b for b in LEVELS[1:] if b not in images.values[best]):
+            images.palettize(bits)
+        order = _widenings(list(weights.values()), alone)
+    low, high = 0, len(order)  # low misses the target; high (every weight in fp16) is the reference itself
+    while high - low > 1:
+        mid = (low + high) // 2
+        tried[mid] = images.psnr(_mix(lowest, order[:mid]))
+        low, high = (low, mid) if tried[mid] >= target else (mid, high)
+    bits = _mix(lowest, order[:high])
+    if all(b == FP16 for b in bits.values()):  # errors that do not add up: the bisection ran to the end
+        (last, width), = ((k, b) for k, b in _mix(lowest, order[:-1]).items() if b != FP16)
+        raise EdgesafeError(_impossible(target, last, width, tried[high - 1]))
+    written = images.write(bits)
     numel = sum(w.numel for w in weights.values())
     analysis = {
         "key": key,
@@ -228,6 +221,11 @@ def mixed_palettize(folder: Path, inputs: MixedBitInputs) -> dict[str, Any]:
     }
     write_json(folder / ANALYSIS, analysis)
     return analysis
+
+
+def _impossible(target: float, weight: str, bits: int, psnr: float) -> str:
+    return (f"coreml-mixed: no palettized mix reaches {target:g} dB against fp16; with only {weight} at {bits} bits "
+            f"the images are at {psnr:.1f} dB")
 
 
 def _widenings(weights: list[_Weight], alone: dict[str, dict[int, float]]) -> list[tuple[str, int]]:
