@@ -70,8 +70,8 @@ class ExportedPipeline:
 
     @classmethod
     def check(cls, folder: Path) -> None:
-        """Parse every model file of ``folder`` without loading it into the runtime (seconds, where loading
-        takes minutes at real size), so that a corrupt artefact is found before any work."""
+        """Parse every model file of ``folder`` without loading it into the runtime (a fraction of the load's
+        time), so that a corrupt artefact is found before any work."""
         for path in cls.files(Path(folder)).values():
             cls.parse(path)
 
