@@ -23,7 +23,6 @@ always measured afresh, interleaved.
 from __future__ import annotations
 
 import argparse
-import copy
 import multiprocessing
 import statistics
 import time
@@ -37,7 +36,7 @@ from diffusers import UNet2DConditionModel
 from harness import provenance
 
 from edgesafe.export import COREML_QUANTIZERS, ONNX_QUANTIZERS, export_coreml, quantize_coreml, validate_coreml
-from edgesafe.export.coreml import load_coreml_weights
+from edgesafe.export.coreml import with_coreml_weights
 from edgesafe.export.onnx import export_component, export_onnx, folder_bytes, latent_shape
 from edgesafe.export.openvino import (
     OPENVINO_QUANTIZERS,
@@ -211,10 +210,7 @@ def coreml_variants(name: str, pipe, work: Path) -> dict:
     latents = torch.randn(latent_shape(pipe, len(PROMPTS)), generator=torch.Generator().manual_seed(0))
 
     def images(folder: Path) -> np.ndarray:  # what the device computes, in PyTorch with the package's weights
-        device = copy.copy(pipe)
-        for component in ("unet", "text_encoder", "vae"):
-            setattr(device, component, copy.deepcopy(getattr(pipe, component)))
-        load_coreml_weights(device, folder)
+        device = with_coreml_weights(pipe, folder)
         return device(PROMPTS, latents=latents.clone(), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                       output_type="np").images
 

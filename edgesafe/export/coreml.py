@@ -16,6 +16,7 @@ package loads as a spec, its inputs, outputs and shapes are the expected ones, a
 
 from __future__ import annotations
 
+import copy
 import shutil
 import sys
 from collections import Counter
@@ -363,6 +364,16 @@ def load_package_weights(module: nn.Module, path: Path, prefix: str, names: list
         params[name].copy_(torch.from_numpy(np.asarray(value, np.float32)).reshape(params[name].shape))
     total = sum(params[n].numel() for n in (names if names is not None else params))
     return round(sum(params[n].numel() for n in found) / max(1, total), 4)
+
+
+def with_coreml_weights(pipe: StableDiffusionPipeline, folder: Path) -> StableDiffusionPipeline:
+    """A copy of ``pipe`` (its own text encoder, UNet and VAE) computing with the weights of the Core ML export
+    in ``folder`` (:func:`load_coreml_weights`); ``pipe`` is left as it was."""
+    device = copy.copy(pipe)
+    for component in ("unet", "text_encoder", "vae"):
+        setattr(device, component, copy.deepcopy(getattr(pipe, component)))
+    load_coreml_weights(device, folder)
+    return device
 
 
 def load_coreml_weights(pipe: StableDiffusionPipeline, folder: Path) -> dict[str, float]:

@@ -51,7 +51,7 @@ def keeps_signal_stack(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None)
         before = _SignalStack()
         if libc.sigaltstack(None, ctypes.byref(before)) != 0:
             return fn(*args, **kwargs)

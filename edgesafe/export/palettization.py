@@ -26,7 +26,6 @@ and each palettized weight is held at every width in fp16 (about 4x the UNet's f
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import time
@@ -49,6 +48,7 @@ from .coreml import (
     package_parameters,
     palettized_constants,
     rewrite_packages,
+    with_coreml_weights,
 )
 from .onnx import latent_shape
 from .parity import psnr_db
@@ -94,10 +94,7 @@ class _Images:
 
     def __init__(self, folder: Path, inputs: MixedBitInputs):
         self.folder, self.inputs = folder, inputs
-        self.pipe = copy.copy(inputs.pipe)
-        for component in ("unet", "text_encoder", "vae"):  # loading the packages' weights rewrites them
-            setattr(self.pipe, component, copy.deepcopy(getattr(inputs.pipe, component)))
-        load_coreml_weights(self.pipe, folder)  # the reference: fp16, as the device rounds it
+        self.pipe = with_coreml_weights(inputs.pipe, folder)  # the reference: fp16, as the device rounds it
         self.latents = seeded_normal(latent_shape(self.pipe, len(inputs.prompts)), 0)
         self.reference = self._images()
         self.evaluations = 0
