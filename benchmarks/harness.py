@@ -94,7 +94,10 @@ def stand_in(work: Path, arch: str) -> tuple[Path, Path]:
 def small_run(images: Path, *, resolution: int = 256, steps: int = 2) -> list[str]:
     """``--set`` overrides that keep a real-model recipe small enough for a CPU: the stand-in's images at
     ``resolution``, ``steps`` fine-tuning steps at batch 1 (so Taylor calibration takes 4 samples), and
-    ``steps`` sampling steps for the export's INT8 calibration and parity images (at the model's 512 px)."""
+    ``steps`` sampling steps for the export's INT8 calibration and parity images and the bench's images (at the
+    model's 512 px), and a bench of one seed per prompt, two wanted prompts and one latency round."""
     sets = [f"data.path={images}", f"data.resolution={resolution}", f"finetune.steps={steps}",
-            "finetune.batch_size=1", f"finetune.checkpoint_every={steps}", f"sampling.steps={steps}"]
+            "finetune.batch_size=1", f"finetune.checkpoint_every={steps}", f"sampling.steps={steps}",
+            "bench.seeds=1", "bench.safety_seeds=1", "bench.wanted_prompts=2", "bench.latency_rounds=1",
+            "bench.latency_repeats=1"]
     return [a for s in sets for a in ("--set", s)]

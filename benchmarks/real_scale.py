@@ -3,12 +3,13 @@ write benchmarks/results/real_scale.json.
 
 No weights can be downloaded here, so each architecture is written by ``edgesafe zoo standin`` (the
 published configs, random weights, a small tokenizer vocabulary) with 24 captioned images. Each
-recipe runs through the CLI, one stage per process (prune, finetune, export), with the recipe as
+recipe runs through the CLI, one stage per process (prune, finetune, export, bench), with the recipe as
 shipped except: the stand-in model and images, ``data.resolution`` (256 by default, the calibration
-and fine-tuning size), a few fine-tuning steps at batch 1, and as few sampling steps for the export's
-INT8 calibration and parity images (which run at the model's 512 px). Per stage: wall time, the process's peak
-resident memory, and the stage's own figures; the fine-tune's memory estimate against its measured
-peak; whether plain diffusers loads the pruned folder. The bench stage does not exist yet.
+and fine-tuning size), a few fine-tuning steps at batch 1, as few sampling steps for the export's
+INT8 calibration and parity images and the bench's images (which run at the model's 512 px), and a bench of
+one seed per prompt, two wanted prompts and one latency round. Per stage: wall time, the process's peak
+resident memory (its worker processes included), and the stage's own figures; the fine-tune's memory
+estimate against its measured peak; whether plain diffusers loads the pruned folder.
 
 Resumable: results are written after every run, each with the commit it ran at; a rerun skips the
 completed runs (delete the file to measure everything afresh) and starts an incomplete one again from
@@ -31,7 +32,7 @@ from harness import ROOT, provenance, real_recipes, run_cli, small_run, stand_in
 from edgesafe.io import write_json
 
 ARCHS = ("sd-1.5", "sd-2.1-base")
-STAGES = (("prune", "1-prune"), ("finetune", "2-finetune"), ("export", "3-export"))
+STAGES = (("prune", "1-prune"), ("finetune", "2-finetune"), ("export", "3-export"), ("bench", "4-bench"))
 LOADS_WITH_DIFFUSERS = """
 import sys, torch
 from diffusers import StableDiffusionPipeline
@@ -47,6 +48,14 @@ def loads_with_diffusers(folder: Path) -> dict:
         return {"ok": False, "error": done.stderr.strip().splitlines()[-1]}
     cls, params = done.stdout.split()
     return {"ok": True, "unet_class": cls, "unet_params": int(params)}
+
+
+def unet_steps(report: Path) -> dict:
+    """Each subject's median UNet step on this host from a bench report, and its speed-up over the teacher's."""
+    subjects = json.loads(report.read_text())["subjects"]
+    return {name: {"median": s["latency"]["host"]["unet_step_ms"]["median"],
+                   "speedup_vs_teacher": s["latency"]["speedup_vs_teacher"]["unet_step"]}
+            for name, s in subjects.items() if "unet_step_ms" in s["latency"]["host"]}
 
 
 def run_recipe(recipe: Path, arch: str, work: Path, args: argparse.Namespace) -> dict:
@@ -70,8 +79,9 @@ def run_recipe(recipe: Path, arch: str, work: Path, args: argparse.Namespace) ->
             break
         if command == "prune":
             entry["pruned_student"] = loads_with_diffusers(run / folder)
-    entry["complete"] = all(s["returncode"] == 0 for s in entry["stages"].values()) and \
-        len(entry["stages"]) == len(STAGES)
+        if command == "bench":
+            entry["unet_step_ms"] = unet_steps(run / folder / "report.json")
+    entry["complete"] = complete(entry)
     ft = entry["stages"].get("finetune", {})
     if ft.get("returncode") == 0:
         estimate = ft["figures"]["memory_estimate_gib"]["total"]
@@ -79,20 +89,25 @@ def run_recipe(recipe: Path, arch: str, work: Path, args: argparse.Namespace) ->
     return entry
 
 
+def complete(run: dict) -> bool:
+    """Whether every stage of :data:`STAGES` finished in ``run`` (a run from before a stage was added is not)."""
+    return all(run["stages"].get(command, {}).get("returncode") == 0 for command, _ in STAGES)
+
+
 def summary(runs: list[dict]) -> dict:
     def stage_max(stage: str, key: str) -> float | None:
         values = [r["stages"][stage][key] for r in runs if r["stages"].get(stage, {}).get("returncode") == 0]
         return max(values) if values else None
 
-    complete: dict[str, dict[str, bool]] = {}
+    done: dict[str, dict[str, bool]] = {}
     for r in runs:
-        complete.setdefault(r["recipe"], {})[r["arch"]] = r["complete"]
+        done.setdefault(r["recipe"], {})[r["arch"]] = complete(r)
     loads = [r["pruned_student"] for r in runs if "pruned_student" in r]
     errors = [abs(r["memory_estimate_error"]) for r in runs if "memory_estimate_error" in r]
     return {
         "prune_peak_rss_gib_max": stage_max("prune", "peak_rss_gib"),
         "prune_seconds_max": stage_max("prune", "seconds"),
-        "compress_complete": complete,
+        "compress_complete": done,
         "finetune_peak_rss_gib_max": stage_max("finetune", "peak_rss_gib"),
         "memory_estimate_error_max": max(errors) if errors else None,
         "pruned_student_loads_with_diffusers": bool(loads) and all(x["ok"] for x in loads) and any(
@@ -116,7 +131,7 @@ def main() -> None:
     recipes = [p for p in real_recipes() if not args.recipe or p.stem in args.recipe]
     for arch in args.arch or ARCHS:
         for recipe in recipes:
-            if any(r["recipe"] == recipe.stem and r["arch"] == arch and r["complete"] for r in runs):
+            if any(r["recipe"] == recipe.stem and r["arch"] == arch and complete(r) for r in runs):
                 continue
             runs = [r for r in runs if not (r["recipe"] == recipe.stem and r["arch"] == arch)]
             runs.append({**run_recipe(recipe, arch, args.work, args), "commit": here["commit"]})

@@ -159,6 +159,19 @@ def test_each_onnx_variant_keeps_the_image(pipe, onnx_dir, calibration, method, 
     assert 12 < figures["image_psnr_db"] < 100  # changed, yet still the same picture
 
 
+def test_nncf_quantizes_a_unet_whose_weights_live_beside_it(pipe, onnx_dir, calibration, tmp_path):
+    """At SD size the UNet's weights are external data (over protobuf's 2 GB limit): NNCF must read them
+    from the folder rather than from one protobuf in memory."""
+    folder = tmp_path / "fp32"
+    shutil.copytree(onnx_dir, folder)
+    shutil.rmtree(folder / "unet")
+    export_component(pipe, "unet", folder / "unet", external_over=0)
+    assert (folder / "unet" / "model.onnx_data").is_file()
+    out = quantize_folder(folder, tmp_path / "nncf", "int8-nncf", calibration)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(out / "unet" / "model.onnx")
+    assert 12 < onnx_parity(pipe, out, PROMPTS, steps=6)["image_psnr_db"] < 100
+
+
 def test_static_int8_keeps_the_first_and_last_convolutions_time_embedding_and_attention_scores_in_fp32(
         onnx_dir, calibration, tmp_path):
     model = onnx.load(str(quantize_folder(onnx_dir, tmp_path / "s", "int8-ort-static", calibration)
@@ -180,15 +193,18 @@ def test_the_int8_scheme_follows_the_cpu():
     assert int8_scheme().quant_format == "QOperator"
 
 
-def test_static_calibration_one_feed_at_a_time_gives_the_ranges_of_all_at_once(onnx_dir, calibration, tmp_path):
-    """int8-ort-static folds each feed's ranges in before the next (bounded memory at SD size); the scales
-    must be those of holding every feed at once."""
+def test_static_int8_calibrates_only_the_layers_it_quantizes_and_gets_onnxruntimes_scales(
+        onnx_dir, calibration, tmp_path):
+    """onnxruntime calibrates every tensor of every Conv / MatMul / Gemm (at SD's 512 px, the attention scores
+    take that past 24 GiB); int8-ort-static calibrates only the layers it quantizes, and its scales must be
+    those of onnxruntime's own calibration."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import load_tensors_data
 
     from edgesafe.export.quantize import OPS, _Reader, always_fp32, prepared, quantize_static_unet
 
     src = prepared(onnx_dir / "unet" / "model.onnx", tmp_path)
-    strided = quantize_static_unet(src, tmp_path / "strided.onnx", calibration.calibration)
+    ours = quantize_static_unet(src, tmp_path / "ours.onnx", calibration.calibration, ranges=tmp_path / "r.json")
     whole = tmp_path / "whole.onnx"
     scheme = int8_scheme()
     quantize_static(str(src), str(whole), _Reader(calibration.calibration), quant_format=QuantFormat.QOperator,
@@ -201,9 +217,14 @@ def test_static_calibration_one_feed_at_a_time_gives_the_ranges_of_all_at_once(o
         return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
                 if i.name.endswith(("_scale", "_zero_point"))}
 
-    a, b = scales(strided), scales(whole)
+    a, b = scales(ours), scales(whole)
     assert len(a) > 100 and a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    model = onnx.load(str(src))
+    constants = {t.name for t in model.graph.initializer}
+    scores = [n.output[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in constants]
+    calibrated = set(load_tensors_data(tmp_path / "r.json").data)
+    assert scores and not calibrated & set(scores)
 
 
 def _fragile_pipeline():

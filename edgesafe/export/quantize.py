@@ -10,7 +10,8 @@ Each variant copies the fp32 folder and rewrites component models in the copy:
   recipe's captions), with the layers INT8 hurts most kept in fp32 (:func:`always_fp32`);
 - ``int8-mixed``: ``int8-ort-static`` with the fewest further layers kept in fp32 that bring the images to
   ``export.mixed_psnr_db`` against fp32 (:mod:`edgesafe.export.sensitivity`);
-- ``int8-nncf``: NNCF post-training quantization of the UNet on the same calibration set;
+- ``int8-nncf``: NNCF post-training quantization (QDQ, the format TensorRT and OpenVINO read) of the UNet on the
+  same calibration set, the same layers kept in fp32;
 - ``int8-hybrid``: the UNet as ``int8-ort-static``, every other component weight-only INT8
   (per-channel INT8 initializers + DequantizeLinear, computed in fp32).
 
@@ -133,18 +134,10 @@ def unet_calibration(
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over a list of feeds, with the windows its strided
-    calibration asks for (``set_range``)."""
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds."""
 
     def __init__(self, feeds: Calibration):
-        self.feeds = feeds
         self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
-
-    def __len__(self) -> int:
-        return len(self.feeds)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._it = iter(self.feeds[start_index:end_index])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
@@ -184,6 +177,32 @@ def quantizable_layers(model: onnx.ModelProto) -> list[str]:
             and (n.op_type != "MatMul" or n.input[1] in constants)]
 
 
+def calibrate(src: Path, calibration: Calibration, layers: list[str], cache: Path) -> Path:
+    """onnxruntime's MinMax ranges of the inputs and outputs of ``layers`` alone, over every feed, written as its
+    calibration cache ``cache``. onnxruntime calibrates every tensor of every Conv / MatMul / Gemm, the attention
+    score MatMuls that stay fp32 included; at SD's 512 px that takes one calibration run past 24 GiB."""
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater, save_tensors_data
+
+    wanted = set(layers)
+
+    class LayerCalibrater(MinMaxCalibrater):
+        def select_tensors_to_calibrate(self, model: onnx.ModelProto):
+            tensors, value_infos = super().select_tensors_to_calibrate(model)
+            used = {t for n in model.graph.node if n.name in wanted for t in (*n.input, *n.output)}
+            return tensors & used, value_infos
+
+    with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
+        calibrator = LayerCalibrater(src, OPS, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                     use_external_data_format=True)
+        calibrator.augment_graph()
+        calibrator.create_inference_session()
+        calibrator.collect_data(_Reader(calibration))
+        ranges = calibrator.compute_data()
+        del calibrator
+    save_tensors_data(ranges, cache)
+    return cache
+
+
 def quantize_static_unet(
     src: Path, out: Path, calibration: Calibration, *, exclude: list[str] = (), only: list[str] | None = None,
     ranges: Path | None = None,
@@ -191,23 +210,23 @@ def quantize_static_unet(
     """Quantize a pre-processed UNet (:func:`prepared`) with :func:`int8_scheme` to ``out``.
 
     ``exclude`` keeps further layers in fp32, ``only`` quantizes just those; ``ranges`` caches the calibrated
-    activation ranges between calls on the same model (the sensitivity search quantizes it many times).
+    activation ranges (of every :func:`quantizable_layers` layer) between calls on the same model (the
+    sensitivity search quantizes it many times).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     scheme = int8_scheme()
     model = onnx.load(str(src), load_external_data=False)
+    ranges = ranges or out.with_name(out.stem + ".ranges.json")
     try:
+        if not ranges.is_file():
+            calibrate(src, calibration, quantizable_layers(model), ranges)
         quantize_static(
-            str(src), str(out), _Reader(calibration), quant_format=QuantFormat[scheme.quant_format],
-            op_types_to_quantize=OPS, per_channel=True, reduce_range=scheme.reduce_range,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=[*always_fp32(model), *exclude], nodes_to_quantize=only,
+            str(src), str(out), None, quant_format=QuantFormat[scheme.quant_format], op_types_to_quantize=OPS,
+            per_channel=True, reduce_range=scheme.reduce_range, activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8, nodes_to_exclude=[*always_fp32(model), *exclude], nodes_to_quantize=only,
             use_external_data_format=_big(src) or (src.parent / "prepared.onnx_data").is_file(),
-            calibration_cache_path=ranges,
-            # one feed at a time, its ranges folded into the running min/max: the same ranges as holding every
-            # tensor of every feed at once, which for an SD-size UNet at 512 px is tens of gigabytes
-            extra_options={"ActivationSymmetric": False, "CalibStridedMinMax": 1, "MatMulConstBOnly": True},
+            calibration_cache_path=ranges, extra_options={"ActivationSymmetric": False, "MatMulConstBOnly": True},
         )
     except (ValueError, RuntimeError, KeyError, AttributeError, onnx.checker.ValidationError) as exc:
         raise EdgesafeError(f"onnxruntime static quantization of {src.parent.name} failed: {first_line(exc)}") from None
@@ -232,10 +251,20 @@ def _ort_dynamic(path: Path) -> None:
 
 def _nncf(path: Path, inputs: QuantizeInputs) -> None:
     import nncf
+    from nncf.onnx.quantization.backend_parameters import BackendParameters
 
-    model = onnx.load(str(path))
+    # a UNet over 2 GB stays on disk: NNCF reads its weights from the folder (a 2 GB protobuf cannot be built)
+    big = _big(path)
+    model = onnx.load(str(path), load_external_data=not big)
+    advanced = nncf.AdvancedQuantizationParameters(
+        backend_params={BackendParameters.EXTERNAL_DATA_DIR: str(path.parent.resolve())}) if big else None
+    # the layers every static variant keeps in fp32; the attention score and value MatMuls among them would also
+    # make NNCF collect each self-attention's scores (1 GB apiece at SD's 64x64 latents) during calibration
+    quantized_layers = set(quantizable_layers(model))
+    kept = [n.name for n in model.graph.node if n.op_type in OPS and n.name not in quantized_layers]
     calibration = inputs.calibration
-    quantized = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration))
+    quantized = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration),
+                              ignored_scope=nncf.IgnoredScope(names=kept), advanced_parameters=advanced)
     save_onnx(quantized, path)
 
 
