@@ -22,8 +22,8 @@ def images(tmp_path_factory):
     return write_captioned_images(tmp_path_factory.mktemp("data") / "images", count=8, size=256)
 
 
-# pixel8 without its INT8 variant: INT8 calibration of an SD-size UNet at 512 px needs more than 24 GiB
-# (benchmarks/results/real_scale.json); its fp32 ONNX export (external data past 2 GB) and parity still run.
+# pixel8 on SD 2.1-base without its INT8 variant, which benchmarks/real_scale.py measures on SD 1.5 (17.5 GiB
+# peak at 945ec68); its fp32 ONNX export (external data past 2 GB) and parity still run.
 @pytest.mark.parametrize(("arch", "recipe", "extra"), [
     ("sd-1.5", "iphone15", []),
     ("sd-2.1-base", "pixel8", ["--set", "export.quantize=[]"]),
