@@ -81,7 +81,6 @@ def run_recipe(recipe: Path, arch: str, work: Path, args: argparse.Namespace) ->
             entry["pruned_student"] = loads_with_diffusers(run / folder)
         if command == "bench":
             entry["unet_step_ms"] = unet_steps(run / folder / "report.json")
-    entry["complete"] = complete(entry)
     ft = entry["stages"].get("finetune", {})
     if ft.get("returncode") == 0:
         estimate = ft["figures"]["memory_estimate_gib"]["total"]
