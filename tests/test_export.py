@@ -159,6 +159,11 @@ def test_each_onnx_variant_keeps_the_image(pipe, onnx_dir, calibration, method, 
     assert ops & {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QuantizeLinear", "DequantizeLinear"}
     if method in ("int8-ort-static", "int8-mixed", "int8-hybrid"):  # the CPU's scheme: INT8 kernels, not QDQ
         assert {"QLinearConv", "QLinearMatMul"} <= ops
+    if method == "int8-tensorrt":  # TensorRT's explicit quantization: QDQ pairs, int8 with every zero point 0
+        zeros = [numpy_helper.to_array(i) for i in onnx.load(str(out / "unet" / "model.onnx")).graph.initializer
+                 if i.name.endswith("_zero_point")]
+        assert "QuantizeLinear" in ops and not ops & {"QLinearConv", "QLinearMatMul"}
+        assert len(zeros) > 50 and all(z.dtype == np.int8 and not z.any() for z in zeros)
     if method == "int8-hybrid":
         assert "DequantizeLinear" in _ops(out / "text_encoder" / "model.onnx")
         assert (out / "vae_decoder" / "model.onnx").stat().st_size < 0.5 * (

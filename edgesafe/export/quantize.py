@@ -10,8 +10,12 @@ Each variant copies the fp32 folder and rewrites component models in the copy:
   recipe's captions), with the layers INT8 hurts most kept in fp32 (:func:`always_fp32`);
 - ``int8-mixed``: ``int8-ort-static`` with the fewest further layers kept in fp32 that bring the images to
   ``export.mixed_psnr_db`` against fp32 (:mod:`edgesafe.export.sensitivity`);
-- ``int8-nncf``: NNCF post-training quantization (QDQ, the format TensorRT and OpenVINO read) of the UNet on the
-  same calibration set, the same layers kept in fp32;
+- ``int8-tensorrt``: the same calibration and fp32 layers in the form TensorRT's explicit quantization reads
+  (:data:`TENSORRT`: QDQ pairs, int8 activations and weights, every zero point 0), for Jetson and other NVIDIA
+  boxes; onnxruntime's CPU runs its Convs in fp32 behind the DequantizeLinear;
+- ``int8-nncf``: NNCF post-training quantization (QDQ) of the UNet on the same calibration set, the same layers
+  kept in fp32 (NNCF collects each quantized layer's activations as graph outputs of one run: at SD's 512 px
+  that is past 24 GiB);
 - ``int8-hybrid``: the UNet as ``int8-ort-static``, every other component weight-only INT8
   (per-channel INT8 initializers + DequantizeLinear, computed in fp32).
 
@@ -67,10 +71,17 @@ class Int8Scheme:
     reduce_range: bool
     """7-bit weights, for x86 CPUs without VNNI, whose u8 x s8 instruction saturates at full range."""
     reason: str
+    symmetric: bool = False
+    """int8 activations with zero point 0 and fp32 biases (TensorRT's form) rather than uint8 with a zero point."""
 
     def to_dict(self) -> dict[str, object]:
-        return {"format": self.quant_format, "activations": "uint8 asymmetric", "weights": "int8 per channel",
-                "reduce_range": self.reduce_range, "reason": self.reason}
+        return {"format": self.quant_format, "activations": "int8 symmetric" if self.symmetric else "uint8 asymmetric",
+                "weights": "int8 per channel", "reduce_range": self.reduce_range, "reason": self.reason}
+
+
+TENSORRT = Int8Scheme("QDQ", False, "TensorRT explicit quantization: QuantizeLinear / DequantizeLinear pairs, "
+                      "int8 activations and weights, zero points 0, biases fp32", symmetric=True)
+"""The scheme of ``int8-tensorrt``."""
 
 
 VNNI_FLAGS = {"avx512_vnni", "avx512vnni", "avx_vnni", "avxvnni", "amx_int8"}
@@ -177,6 +188,13 @@ def quantizable_layers(model: onnx.ModelProto) -> list[str]:
             and (n.op_type != "MatMul" or n.input[1] in constants)]
 
 
+def fp32_layers(model: onnx.ModelProto) -> list[str]:
+    """The Conv / MatMul / Gemm layers a static variant leaves in fp32: every one not in :func:`quantizable_layers`
+    (named, since onnxruntime's QDQ quantizer and NNCF would otherwise quantize attention's scores and values)."""
+    quantized = set(quantizable_layers(model))
+    return [n.name for n in model.graph.node if n.op_type in OPS and n.name not in quantized]
+
+
 def calibrate(src: Path, calibration: Calibration, layers: list[str], cache: Path) -> Path:
     """onnxruntime's MinMax ranges of the inputs and outputs of ``layers`` alone, over every feed, written as its
     calibration cache ``cache``. onnxruntime calibrates every tensor of every Conv / MatMul / Gemm, the attention
@@ -205,9 +223,9 @@ def calibrate(src: Path, calibration: Calibration, layers: list[str], cache: Pat
 
 def quantize_static_unet(
     src: Path, out: Path, calibration: Calibration, *, exclude: list[str] = (), only: list[str] | None = None,
-    ranges: Path | None = None,
+    ranges: Path | None = None, scheme: Int8Scheme | None = None,
 ) -> Path:
-    """Quantize a pre-processed UNet (:func:`prepared`) with :func:`int8_scheme` to ``out``.
+    """Quantize a pre-processed UNet (:func:`prepared`) with ``scheme`` (:func:`int8_scheme` by default) to ``out``.
 
     ``exclude`` keeps further layers in fp32, ``only`` quantizes just those; ``ranges`` caches the calibrated
     activation ranges (of every :func:`quantizable_layers` layer) between calls on the same model (the
@@ -215,7 +233,7 @@ def quantize_static_unet(
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    scheme = int8_scheme()
+    scheme = scheme or int8_scheme()
     model = onnx.load(str(src), load_external_data=False)
     ranges = ranges or out.with_name(out.stem + ".ranges.json")
     try:
@@ -223,19 +241,23 @@ def quantize_static_unet(
             calibrate(src, calibration, quantizable_layers(model), ranges)
         quantize_static(
             str(src), str(out), None, quant_format=QuantFormat[scheme.quant_format], op_types_to_quantize=OPS,
-            per_channel=True, reduce_range=scheme.reduce_range, activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8, nodes_to_exclude=[*always_fp32(model), *exclude], nodes_to_quantize=only,
+            per_channel=True, reduce_range=scheme.reduce_range,
+            activation_type=QuantType.QInt8 if scheme.symmetric else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, nodes_to_exclude=[*fp32_layers(model), *exclude], nodes_to_quantize=only,
             use_external_data_format=_big(src) or (src.parent / "prepared.onnx_data").is_file(),
-            calibration_cache_path=ranges, extra_options={"ActivationSymmetric": False, "MatMulConstBOnly": True},
+            calibration_cache_path=ranges,
+            extra_options={"ActivationSymmetric": scheme.symmetric, "WeightSymmetric": True, "MatMulConstBOnly": True,
+                           "QuantizeBias": not scheme.symmetric},
         )
     except (ValueError, RuntimeError, KeyError, AttributeError, onnx.checker.ValidationError) as exc:
         raise EdgesafeError(f"onnxruntime static quantization of {src.parent.name} failed: {first_line(exc)}") from None
     return out
 
 
-def _ort_static(path: Path, inputs: QuantizeInputs) -> None:
+def _ort_static(path: Path, inputs: QuantizeInputs, scheme: Int8Scheme | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        out = quantize_static_unet(prepared(path, Path(tmp)), Path(tmp) / "int8.onnx", inputs.calibration)
+        out = quantize_static_unet(prepared(path, Path(tmp)), Path(tmp) / "int8.onnx", inputs.calibration,
+                                   scheme=scheme)
         save_onnx(onnx.load(str(out)), path)
 
 
@@ -258,13 +280,11 @@ def _nncf(path: Path, inputs: QuantizeInputs) -> None:
     model = onnx.load(str(path), load_external_data=not big)
     advanced = nncf.AdvancedQuantizationParameters(
         backend_params={BackendParameters.EXTERNAL_DATA_DIR: str(path.parent.resolve())}) if big else None
-    # the layers every static variant keeps in fp32; the attention score and value MatMuls among them would also
-    # make NNCF collect each self-attention's scores (1 GB apiece at SD's 64x64 latents) during calibration
-    quantized_layers = set(quantizable_layers(model))
-    kept = [n.name for n in model.graph.node if n.op_type in OPS and n.name not in quantized_layers]
+    # quantizing the attention score and value MatMuls would also make NNCF collect each self-attention's scores
+    # (1 GB apiece at SD's 64x64 latents) during calibration
     calibration = inputs.calibration
     quantized = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration),
-                              ignored_scope=nncf.IgnoredScope(names=kept), advanced_parameters=advanced)
+                              ignored_scope=nncf.IgnoredScope(names=fp32_layers(model)), advanced_parameters=advanced)
     save_onnx(quantized, path)
 
 
@@ -336,6 +356,7 @@ ONNX_QUANTIZERS: dict[str, Callable[[Path, QuantizeInputs], None]] = {
     "int8-ort-dynamic": lambda folder, inputs: _ort_dynamic(folder / "unet" / "model.onnx"),
     "int8-ort-static": lambda folder, inputs: _ort_static(folder / "unet" / "model.onnx", inputs),
     "int8-mixed": _mixed,
+    "int8-tensorrt": lambda folder, inputs: _ort_static(folder / "unet" / "model.onnx", inputs, TENSORRT),
     "int8-nncf": lambda folder, inputs: _nncf(folder / "unet" / "model.onnx", inputs),
     "int8-hybrid": _hybrid,
 }
