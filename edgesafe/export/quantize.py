@@ -12,7 +12,7 @@ Each variant copies the fp32 folder and rewrites component models in the copy:
   ``export.mixed_psnr_db`` against fp32 (:mod:`edgesafe.export.sensitivity`);
 - ``int8-tensorrt``: the same calibration and fp32 layers in the form TensorRT's explicit quantization reads
   (:data:`TENSORRT`: QDQ pairs, int8 activations and weights, every zero point 0), for Jetson and other NVIDIA
-  boxes; onnxruntime's CPU runs its Convs in fp32 behind the DequantizeLinear;
+  boxes (onnxruntime's CPU runs it too);
 - ``int8-nncf``: NNCF post-training quantization (QDQ) of the UNet on the same calibration set, the same layers
   kept in fp32 (NNCF collects each quantized layer's activations as graph outputs of one run: at SD's 512 px
   that is past 24 GiB);
