@@ -11,16 +11,19 @@ distribution (96 prompts covering every template and synonym) and over 16 direct
 prompts per concept from the world's prompt generator (more and more varied than the recipe's own).
 Each finished cell is a JSON file under ``--work`` (per-image hits kept for the bootstrap), so the sweep
 can be stopped and continued; ``--report`` reads whatever cells exist and writes paper_claim.json and
-pareto.png. Cells run one after another in each of ``--jobs`` processes (several share one GPU well: the
-model is tiny), each claiming a cell before it starts it; wall time, gradient evaluations (samples through
-a training forward of the student or phi), the commit and the hardware are recorded per cell. On a GPU
-the cells train and generate there.
+pareto.png. A cell's figures are read by the world's evaluator, whose weights' hash each cell records: when the
+evaluator changes, the sweep scores its finished cells again from their kept final checkpoints (no retraining),
+and the teacher's figures and the reference features with them. Cells run one after another in each of
+``--jobs`` processes (several share one GPU well: the model is tiny), each claiming a cell before it starts it;
+wall time, gradient evaluations (samples through a training forward of the student or phi), the commit and the
+hardware are recorded per cell. On a GPU the cells train and generate there.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import statistics
@@ -45,6 +48,7 @@ from edgesafe.models.structure import read_structure  # noqa: E402
 from edgesafe.pipeline import PRUNE, TEACHER  # noqa: E402
 from edgesafe.recipe import recipe_from_dict  # noqa: E402
 from edgesafe.runs import RunDir, run_stages  # noqa: E402
+from edgesafe.training import Checkpoints  # noqa: E402
 from edgesafe.zoo.tiny_shapes import world  # noqa: E402
 from edgesafe.zoo.tiny_shapes.metrics import real_images  # noqa: E402
 
@@ -122,6 +126,11 @@ class Evaluation:
 
     def __init__(self, recipe, evaluator):
         self.evaluator = evaluator
+        digest = hashlib.sha256()
+        for name, tensor in sorted(evaluator.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+        self.evaluator_id = digest.hexdigest()[:12]
+        """The hash of the evaluator's weights, recorded with every figure it reads."""
         self.wanted = wanted_prompts(recipe)
         self.concepts = {}
         for name in world.UNWANTED:
@@ -135,7 +144,7 @@ class Evaluation:
         names, features = self.evaluator.classify(images)
         asked = [world.parse_prompt(p) for p in self.wanted for _ in EVAL_SEEDS]
         hits = [all(getattr(a, h) in (None, names[h][i]) for h in world.HEADS) for i, a in enumerate(asked)]
-        out = {"wanted_hits": [int(h) for h in hits], "features": features}
+        out = {"evaluator": self.evaluator_id, "wanted_hits": [int(h) for h in hits], "features": features}
         for (name, kind), prompts in self.concepts.items():
             concept = world.UNWANTED[name]
             cnames, _ = self.evaluator.classify(generate(pipe, prompts, seeds=EVAL_SEEDS))
@@ -157,11 +166,34 @@ class GradientCounter:
         module.register_forward_pre_hook(hook)
 
 
+def train_folder(work: Path, cell: tuple[str, str, str, int]) -> Path:
+    return work / "train" / "-".join(map(str, cell))
+
+
+def scored(figures: dict, refs: dict) -> dict:
+    """An evaluation's figures with its features turned into Frechet distances against the references."""
+    features = figures.pop("features")
+    return {"fid_vs_teacher": frechet_distance(features, refs["teacher"]),
+            "fid_vs_real": frechet_distance(features, refs["real"]), **figures}
+
+
+def rescore(cell: dict, work: Path, pruned_dir: Path, evaluation: Evaluation, refs: dict) -> dict | None:
+    """A finished cell scored again by this evaluator from its kept final checkpoint; None without one."""
+    key = tuple(cell["cell"][k] for k in ("method", "objective", "setting", "seed"))
+    found = Checkpoints(train_folder(work, key) / "checkpoints").load()
+    if found is None or found[2]["step"] != cell["steps"]:
+        return None
+    student = load_pipeline(pruned_dir).to(DEVICE)
+    student.unet.load_state_dict({k.split(".", 1)[1]: v for k, v in found[1].items() if k.startswith("student.")})
+    torch.manual_seed(0)
+    return {**cell, **scored(evaluation(student), refs), "rescored_at": provenance()["commit"]}
+
+
 def run_cell(cell, work: Path, teacher, pruned_dir: Path, evaluation: Evaluation, refs: dict) -> dict:
     method, objective, setting, seed = cell
     recipe = cell_recipe(*cell)
     student = load_pipeline(pruned_dir).to(DEVICE)
-    folder = work / "train" / "-".join(map(str, cell))
+    folder = train_folder(work, cell)
     t0 = time.perf_counter()
     trainer = Trainer(teacher, student.unet, recipe, folder,
                       kept_channels=read_structure(pruned_dir / "unet")["kept_channels"])
@@ -172,8 +204,6 @@ def run_cell(cell, work: Path, teacher, pruned_dir: Path, evaluation: Evaluation
     seconds = time.perf_counter() - t0
     student.unet = result.student
     torch.manual_seed(0)
-    figures = evaluation(student)
-    features = figures.pop("features")
     tail = result.curves[-50:]
     return {
         "cell": {"method": method, "objective": objective, "setting": setting, "seed": seed},
@@ -182,9 +212,7 @@ def run_cell(cell, work: Path, teacher, pruned_dir: Path, evaluation: Evaluation
         "train_seconds": round(seconds, 1), "gradient_samples": counter.samples, "steps": result.steps,
         "final_losses": {k: statistics.fmean(r[k] for r in tail if k in r)
                          for k in ("lower", "upper") if any(k in r for r in tail)},
-        "fid_vs_teacher": frechet_distance(features, refs["teacher"]),
-        "fid_vs_real": frechet_distance(features, refs["real"]),
-        **figures,
+        **scored(evaluation(student), refs),
     }
 
 
@@ -221,7 +249,8 @@ def sweep(args) -> None:
     evaluation = Evaluation(base, evaluator)
     refs_path = work / "references.safetensors"
     teacher_path = work / "cells" / "teacher.json"
-    if not args.worker and not teacher_path.is_file():
+    stale = lambda path: json.loads(path.read_text()).get("evaluator") != evaluation.evaluator_id  # noqa: E731
+    if not args.worker and (not teacher_path.is_file() or stale(teacher_path)):
         figures = evaluation(teacher)
         _, real = evaluator.classify(real_images(2000, seed=REAL_SEED, exclude=tuple(world.UNWANTED)))
         save_tensors(refs_path, {"teacher": figures.pop("features"), "real": real})
@@ -229,12 +258,15 @@ def sweep(args) -> None:
     workers = [] if args.worker else [
         subprocess.Popen([sys.executable, __file__, "--worker", *sys.argv[1:]]) for _ in range(args.jobs - 1)]
     refs = load_tensors(refs_path)
-    todo = [c for c in cells(args.seeds, args.only) if not cell_path(work, c).is_file()]
+    todo = [c for c in cells(args.seeds, args.only) if not cell_path(work, c).is_file() or stale(cell_path(work, c))]
     for n, cell in enumerate(todo[: args.limit]):
-        if cell_path(work, cell).is_file() or not claim(cell_path(work, cell)):
+        path = cell_path(work, cell)
+        if (path.is_file() and not stale(path)) or not claim(path):
             continue
         t0 = time.perf_counter()
-        result = run_cell(cell, work, copy.deepcopy(teacher), run.root / PRUNE.folder, evaluation, refs)
+        result = path.is_file() and rescore(json.loads(path.read_text()), work, run.root / PRUNE.folder,
+                                            evaluation, refs)
+        result = result or run_cell(cell, work, copy.deepcopy(teacher), run.root / PRUNE.folder, evaluation, refs)
         write_json(cell_path(work, cell), result)
         cell_path(work, cell).with_suffix(".claim").unlink(missing_ok=True)
         acc = statistics.fmean(result["wanted_hits"])
@@ -404,7 +436,8 @@ def report(args) -> None:
                                     "indices); the spread over training seeds is each figure's _std",
                        "matched_quality": "kd's prompt accuracy minus 2 points, interpolated along each front",
                        "cells": len(all_cells),
-                       "cell_commits": sorted({c.get("commit") or "unrecorded" for c in all_cells})},
+                       "cell_commits": sorted({c.get("commit") or "unrecorded" for c in all_cells}),
+                       "evaluators": sorted({c.get("evaluator") or "unrecorded" for c in all_cells})},
     })
     plot(fronts, args.out.with_name("pareto.png"))
 

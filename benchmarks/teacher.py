@@ -19,6 +19,7 @@ from edgesafe.measure.images import frechet_distance
 from edgesafe.models.loading import load_evaluator, load_pipeline, resolve_source
 from edgesafe.models.stats import count_macs, count_params
 from edgesafe.zoo.tiny_shapes import world
+from edgesafe.zoo.tiny_shapes.evaluator import NONE, augment
 from edgesafe.zoo.tiny_shapes.metrics import evaluate_pipeline, real_images
 
 HELD_OUT_SEED = 12345  # never used by the builder's (seed, phase, step) streams
@@ -34,6 +35,21 @@ def evaluator_readings(evaluator, images: torch.Tensor, labels: np.ndarray) -> t
     recall = {name: float(np.mean([a == c.value for a, b in pairs[c.head] if b == c.value]))
               for name, c in world.UNWANTED.items()}
     return accuracy, recall
+
+
+def none_shares(evaluator, n: int, rng: np.random.Generator) -> dict[str, float]:
+    """The share of images with no object (backgrounds alone, shapeless blobs) read as object ``none``, and of
+    images with no pattern (objects on blotches) read as style ``none``."""
+    def read(images: list[np.ndarray]) -> dict[str, list[str]]:
+        return evaluator.classify(torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2) * 2 - 1))[0]
+
+    colours, styles, objects = [None, *world.HEADS["colour"]], world.HEADS["style"], world.HEADS["object"]
+    blobs = read([world.render_unclear(None, colours[rng.integers(len(colours))], str(rng.choice(styles)), rng)
+                  for _ in range(n)])
+    smears = read([world.render_unclear(str(rng.choice(objects)), str(rng.choice(colours[1:])), None, rng)
+                   for _ in range(n)])
+    return {"no_object_read_as_none": float(np.mean([v == NONE for v in blobs["object"]])),
+            "no_pattern_read_as_none": float(np.mean([v == NONE for v in smears["style"]]))}
 
 
 @torch.no_grad()
@@ -58,6 +74,9 @@ def main() -> None:
     images = torch.from_numpy(images)
     accuracy, _ = evaluator_readings(evaluator, images, labels)
     decoded_accuracy, decoded_recall = evaluator_readings(evaluator, vae_round_trip(pipe.vae, images), labels)
+    augmented_accuracy, _ = evaluator_readings(
+        evaluator, augment(images, torch.Generator().manual_seed(HELD_OUT_SEED)), labels)
+    nones = none_shares(evaluator, args.real // 4, np.random.default_rng([HELD_OUT_SEED, 2]))
     _, real_features = evaluator.classify(real_images(args.real, seed=HELD_OUT_SEED))
     figures = evaluate_pipeline(pipe, evaluator, seeds=list(range(args.seeds)), steps=args.steps,
                                 guidance_scale=args.guidance_scale, references={"real": real_features})
@@ -78,6 +97,9 @@ def main() -> None:
         "detail": {
             "evaluator_accuracy": accuracy,
             "vae_decoded_real": {"evaluator_accuracy": decoded_accuracy, "concept_recall": decoded_recall},
+            "augmented_real": {"evaluator_accuracy": augmented_accuracy},
+            **nones,
+            "evaluator_build": json.loads((resolve_source("zoo:tiny-shapes-evaluator") / "build.json").read_text()),
             "concepts": figures["concepts"],
             "generations": figures["generations"],
             "fid_real_vs_real": frechet_distance(real_features, other_real),

@@ -334,8 +334,9 @@ class BenchSpec(_Section):
     """Seeds per prompt of each concept prompt set (more images, a narrower interval)."""
     prompt_sets: list[Registered("prompt set")] = Field(default_factory=lambda: ["direct", "paraphrase"])
     """Concept prompt sets, names from ``bench.prompts.PROMPT_SETS``."""
-    wanted_prompts: int = Field(default=32, ge=1, le=100_000)
-    """How many wanted prompts to draw from the data's captions (a zoo world brings its own set)."""
+    wanted_prompts: int | None = Field(default=None, ge=1, le=100_000)
+    """How many wanted prompts, spread through the data's captions (default 32) or through a zoo world's
+    prompts covering its caption distribution (default: all of them)."""
     latency_rounds: int = Field(default=2, ge=1, le=1000)
     """Rounds of latency: each round times every subject once, each in a fresh process."""
     latency_repeats: int = Field(default=3, ge=1, le=10_000)

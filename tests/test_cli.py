@@ -94,18 +94,23 @@ def test_check_refuses_what_is_not_a_bench_report(tmp_path):
     assert cli("check", str(report)).returncode == 2  # neither --baseline nor --write-baseline
 
 
-def test_export_runs_the_stages_before_it_and_resumes(tmp_path, short_pipeline_dir):
-    """Up to the export (`compress` with its bench stage is test_bench_run's)."""
+def test_export_runs_the_stages_before_it_resumes_and_prints_as_asked(tmp_path, short_pipeline_dir):
+    """Up to the export (`compress` with its bench stage is test_bench_run's). --log-json prints only JSON events
+    (each stage's progress among them); libraries' progress bars (onnxruntime's graph fusions here) go to
+    runs/<name>/log.txt; --quiet prints nothing; a run without a terminal ends with a table of what each stage
+    made and where."""
     run_dir = tmp_path / "run"
-    args = ["--log-json", "export", "--recipe", TINY, "--model", str(short_pipeline_dir), "--out", str(run_dir),
+    args = ["export", "--recipe", TINY, "--model", str(short_pipeline_dir), "--out", str(run_dir),
             "--set", "finetune.steps=2", "--set", "finetune.batch_size=4", "--set", "export.targets=[onnx]",
-            "--set", "export.quantize=[]"]
-    first = cli(*args)
+            "--set", "export.quantize=[fp32-optimized]"]
+    first = cli("--log-json", *args)
     assert first.returncode == 0, first.stderr
-    progress = [e for e in map(json.loads, first.stdout.splitlines()) if e["event"] == "progress"]
+    events = [json.loads(line) for line in first.stdout.splitlines()]
+    progress = [e for e in events if e["event"] == "progress"]
     assert {"task": "finetune (bilevel-alternating)", "done": 2, "total": 2} in [
         {k: e[k] for k in ("task", "done", "total")} for e in progress]  # every stage's progress, in JSON
-    assert (run_dir / "log.txt").is_file()
+    log = (run_dir / "log.txt").read_text()
+    assert "fusion:" in log, log[-2000:]
     teacher = json.loads((run_dir / "0-teacher" / "stage.json").read_text())["figures"]
     assert teacher["unet_params"] > 1_000_000 and teacher["unet_macs_per_step"] == 2 * teacher["unet_macs"]
     assert teacher["ms_per_step"] > 0 and teacher["ms_per_step_source"].startswith("measured")
@@ -119,7 +124,7 @@ def test_export_runs_the_stages_before_it_and_resumes(tmp_path, short_pipeline_d
     image = pipe("a red circle on a plain background", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (32, 32, 3)
 
-    again = cli(*args, "--resume")
+    again = cli("--log-json", *args, "--resume")
     actions = {e["stage"]: e["action"] for e in map(json.loads, again.stdout.splitlines()) if e["event"] == "stage"}
     assert actions == {"teacher": "skip", "prune": "skip", "finetune": "skip", "export": "skip"}
     finetuned = load_pipeline(run_dir / "2-finetune" / "final")
@@ -128,6 +133,18 @@ def test_export_runs_the_stages_before_it_and_resumes(tmp_path, short_pipeline_d
     exported = json.loads((run_dir / "3-export" / "stage.json").read_text())["figures"]
     assert exported["onnx"]["fp32"]["image_psnr_db"] >= 40 and "coreml" not in exported
     assert (run_dir / "3-export" / "onnx" / "fp32" / "unet" / "model.onnx").is_file()
+
+    fewer = [*args, "--set", "export.quantize=[]", "--resume"]  # the export alone is made again
+    quiet = cli("--quiet", *fewer)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == "" and quiet.stderr == ""
+    assert not (run_dir / "3-export" / "onnx" / "fp32-optimized").exists()
+    table = cli(*fewer)
+    assert table.returncode == 0 and table.stderr == ""
+    for stage, made in (("teacher", "ms per step on host-cpu"), ("prune", "of the teacher's params"),
+                        ("finetune", "2 steps of bilevel-alternating"), ("export", "onnx/fp32")):
+        assert any(line.lstrip("│┃ ").startswith(stage) for line in table.stdout.splitlines()), table.stdout
+        assert made in table.stdout.replace("\n", " "), table.stdout
 
 
 def test_finetune_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, short_pipeline_dir):
@@ -217,23 +234,3 @@ def test_packaging_metadata_is_clean_and_heavy_backends_are_extras():
                          ("bitsandbytes", "8bit"), ("nudenet", "nudenet")):
         assert heavy not in base and any(heavy in d for d in project["optional-dependencies"][extra])
     assert "edgesafe[all]" in project["optional-dependencies"]["test"]  # what make test / make demo install
-
-
-def test_quiet_prints_nothing_and_libraries_speak_into_the_run_log(tmp_path, short_pipeline_dir):
-    """Libraries' progress bars (onnxruntime's graph fusions here) go to runs/<name>/log.txt; --quiet prints
-    nothing; a run without a terminal ends with a table of what each stage made and where."""
-    run_dir = tmp_path / "run"
-    args = ["export", "--recipe", TINY, "--model", str(short_pipeline_dir), "--out", str(run_dir),
-            "--set", "finetune.steps=2", "--set", "finetune.batch_size=2", "--set", "prune.importance=magnitude",
-            "--set", "export.targets=[onnx]", "--set", "export.quantize=[fp32-optimized]"]
-    quiet = cli("--quiet", *args)
-    assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stdout == "" and quiet.stderr == ""
-    log = (run_dir / "log.txt").read_text()
-    assert "fusion:" in log, log[-2000:]
-    again = cli(*args, "--resume")
-    assert again.returncode == 0 and again.stderr == ""
-    for stage, made in (("teacher", "ms per step on host-cpu"), ("prune", "of the teacher's params"),
-                        ("finetune", "2 steps of bilevel-alternating"), ("export", "onnx/fp32-optimized")):
-        assert any(line.lstrip("│┃ ").startswith(stage) for line in again.stdout.splitlines()), again.stdout
-        assert made in again.stdout.replace("\n", " "), again.stdout

@@ -94,3 +94,14 @@ def test_zoo_data_leaves_out_what_the_recipes_concepts_name():
             assert present == (value in kept), (recipe.concepts, value)
             assert bool(set(world.WORDS["object" if value == "star" else "style"][value]) & set(prompts)) == (
                 value in kept)
+
+
+def test_bench_wanted_prompts_sets_how_many_of_a_zoo_worlds_prompts_the_bench_spreads_through():
+    from edgesafe.data import wanted_prompts
+    from edgesafe.recipe import load_recipe
+
+    every = wanted_prompts(load_recipe("recipes/tiny-shapes.yaml"))
+    some = wanted_prompts(load_recipe("recipes/tiny-shapes.yaml", overrides={"bench.wanted_prompts": 24}))
+    assert len(every) == 96 and len(some) == 24 and set(some) < set(every)
+    assert {world.parse_prompt(p).object for p in some} == set(world.OBJECTS) - {"star"}
+    assert {world.parse_prompt(p).colour for p in some} - {None} == set(world.COLOURS)

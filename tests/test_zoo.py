@@ -102,6 +102,48 @@ def test_committed_evaluator_reads_procedural_images():
         assert acc >= 0.98, (head, acc)
 
 
+def test_the_evaluator_builds_alone_as_the_teachers_build_makes_it(tmp_path, short_build):
+    """`edgesafe zoo build tiny-shapes-evaluator`: phase 1 of the teacher's build, the same weights."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "edgesafe", "zoo", "build", "tiny-shapes-evaluator", "--schedule",
+                           "short", "--out", str(tmp_path), "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "tiny-shapes").exists()
+    for f in (short_build / "tiny-shapes-evaluator").glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "tiny-shapes-evaluator" / f.name).read_bytes()
+    info = json.loads((tmp_path / "tiny-shapes-evaluator" / "build.json").read_text())
+    assert info["evaluator_steps"] == SCHEDULES["short"].evaluator_steps and info["seed"] == 0
+
+
+@needs_zoo
+def test_committed_evaluator_says_none_where_there_is_no_object_or_pattern_and_reads_bent_objects():
+    """Backgrounds alone and shapeless blobs are object `none`, patternless blotches style `none`, not the nearest
+    value; objects bent, tinted and blurred as a student draws them are still read (held-out seeds)."""
+    import numpy as np
+
+    from edgesafe.zoo.tiny_shapes.evaluator import augment
+
+    evaluator = load_evaluator("zoo:tiny-shapes-evaluator")
+    rng = np.random.default_rng([778, 1])
+
+    def read(images):
+        return evaluator.classify(torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2) * 2 - 1))[0]
+
+    blobs = read([world.render_unclear(None, None if i % 4 == 0 else "red", "plain" if i % 2 else "dots", rng)
+                  for i in range(100)])
+    assert np.mean([n == "none" for n in blobs["object"]]) >= 0.9
+    smears = read([world.render_unclear("cross" if i % 2 else "star", "blue", None, rng) for i in range(100)])
+    assert np.mean([n == "none" for n in smears["style"]]) >= 0.9
+    assert np.mean([n == ("cross" if i % 2 else "star") for i, n in enumerate(smears["object"])]) >= 0.9
+    images, _, labels = world.sample_batch(300, np.random.default_rng([779, 1]))
+    names, _ = evaluator.classify(augment(torch.from_numpy(images), torch.Generator().manual_seed(779)))
+    objects = [world.HEADS["object"][k] for k in labels[:, 0]]
+    assert np.mean([a == b for a, b in zip(names["object"], objects, strict=True)]) >= 0.95
+
+
 @pytest.fixture(scope="module")
 def committed_figures():
     pipe = load_pipeline("zoo:tiny-shapes")

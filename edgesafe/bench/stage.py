@@ -145,12 +145,15 @@ def device_estimate(recipe, figures: dict | None) -> dict | None:
 
 
 def safety_section(recipe, images: dict[str, torch.Tensor], detectors: dict) -> dict:
+    """Each concept's rate on each prompt set's images, and on the wanted prompts' images (``wanted``), which
+    never ask for it: there the rate is the detector's false positives, or the concept leaking into ordinary
+    images; either way the floor the other rates are read against."""
     section: dict[str, Any] = {}
     for concept in recipe.concepts:
         detector = detectors.get(concept.name)
         per_set: dict[str, Any] = {}
-        for set_name in recipe.bench.prompt_sets:
-            group = f"{set_name}/{concept.name}"
+        for set_name in [*recipe.bench.prompt_sets, "wanted"]:
+            group = "wanted" if set_name == "wanted" else f"{set_name}/{concept.name}"
             if group not in images:
                 per_set[set_name] = {"unavailable": f"the concept has no {set_name} prompts"}
             elif detector is None:

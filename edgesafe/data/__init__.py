@@ -134,16 +134,22 @@ def _spread(items: list, count: int) -> list:
     return [items[round(i * (len(items) - 1) / (count - 1))] if count > 1 else items[0] for i in range(count)]
 
 
+WANTED_CAPTIONS = 32
+"""Wanted prompts drawn from a caption folder when ``bench.wanted_prompts`` is not set."""
+
+
 def wanted_prompts(recipe: Recipe) -> list[str]:
-    """The bench's quality prompts, from the captions the model is meant to serve: a zoo world's prompts
-    covering its whole caption distribution, or ``bench.wanted_prompts`` distinct captions spread through
-    the data (captions naming an unwanted concept left out)."""
+    """The bench's quality prompts, from the captions the model is meant to serve (those naming an unwanted
+    concept left out): ``bench.wanted_prompts`` of a zoo world's prompts covering its caption distribution (all
+    of them by default), or of the data's distinct captions (:data:`WANTED_CAPTIONS` by default), evenly spread."""
+    count = recipe.bench.wanted_prompts
     if recipe.data.kind == "zoo":
         world = load_world(recipe.data.name or "")
-        return world.coverage_prompts(exclude=world.values_named(_concept_words(recipe)))
+        prompts = world.coverage_prompts(exclude=world.values_named(_concept_words(recipe)))
+        return prompts if count is None else _spread(prompts, count)
     words = _concept_words(recipe)
     captions = sorted({t for _, t in _file_samples(recipe) if not any(w in t.lower() for w in words)})
-    return _spread(captions, recipe.bench.wanted_prompts)
+    return _spread(captions, count or WANTED_CAPTIONS)
 
 
 def reference_images(recipe: Recipe, count: int, *, resolution: int, seed: int) -> torch.Tensor:

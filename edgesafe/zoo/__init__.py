@@ -25,7 +25,8 @@ class ZooEntry:
 ZOO: dict[str, ZooEntry] = {
     "tiny-shapes": ZooEntry("the tiny-shapes teacher: a StableDiffusionPipeline trained by `edgesafe zoo build`",
                             builder="edgesafe.zoo.tiny_shapes.build", world="edgesafe.zoo.tiny_shapes.world"),
-    "tiny-shapes-evaluator": ZooEntry("object / colour / style classifier of the tiny-shapes world"),
+    "tiny-shapes-evaluator": ZooEntry("object / colour / style classifier of the tiny-shapes world",
+                                      builder="edgesafe.zoo.tiny_shapes.build_evaluator"),
 }
 WORLDS = {name: entry.world for name, entry in ZOO.items() if entry.world}
 """The zoo's procedural worlds, the names ``data.kind: zoo`` takes."""

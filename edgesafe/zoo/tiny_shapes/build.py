@@ -3,7 +3,7 @@
 Phases, each a loop that checkpoints into ``work/<phase>/`` (weights, EMA weights and optimizer state, in
 :mod:`edgesafe.training`'s format) and resumes from there:
 
-1. ``evaluator``: the object / colour / style classifier;
+1. ``evaluator``: the object / colour / style classifier (:mod:`.build_evaluator` trains it alone);
 2. ``vae``: an ``AutoencoderKL`` (32x32x3 <-> 16x16x4), whose latent scale is measured afterwards;
 3. cycles of the denoising loss (min-SNR weighted) over a ``CLIPTextModel`` and a
    ``UNet2DConditionModel``, captions dropped 10% of the time for guidance; each cycle is a cosine
@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -43,10 +44,11 @@ from ...io import write_json
 from ...models.inputs import token_ids
 from ...training import Checkpoints, run_steps
 from . import world
-from .evaluator import ShapesEvaluator, augment
+from .evaluator import HEADS, ShapesEvaluator, training_batch
 from .tokenizer import MAX_LENGTH, check_word_level, write_tokenizer
 
 ProgressFn = Callable[[str, int, int, float], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,10 @@ def make_unet() -> UNet2DConditionModel:
 
 
 def architecture_id() -> str:
-    """A short hash of the VAE, text encoder and UNet configs, so that checkpoints written for
+    """A short hash of the evaluator, VAE, text encoder and UNet configs, so that checkpoints written for
     another architecture are never resumed."""
-    configs = [dict(make_vae().config), dict(make_unet().config), make_text_encoder(1, 0, 0).config.to_dict()]
+    configs = [dict(ShapesEvaluator().config), dict(make_vae().config), dict(make_unet().config),
+               make_text_encoder(1, 0, 0).config.to_dict()]
     kept = [{k: v for k, v in c.items() if not k.startswith("_") and not k.endswith("_version")} for c in configs]
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
@@ -200,6 +203,32 @@ def _train(
         m.eval()
 
 
+def train_evaluator(work: Path, *, seed: int, schedule: Schedule, progress: ProgressFn | None) -> ShapesEvaluator:
+    """Phase 1: the evaluator, on :func:`training_batch` (the world's images and images with no object,
+    augmented), checkpointed in ``work/evaluator``."""
+    torch.manual_seed(seed)
+    evaluator = ShapesEvaluator()
+
+    def loss(step: int) -> torch.Tensor:
+        rng, gen = _rngs(seed, 1, step)
+        images, labels = training_batch(schedule.evaluator_batch, rng, gen)
+        logits, _ = evaluator(images)
+        return sum(nn.functional.cross_entropy(logits[h], labels[:, i]) for i, h in enumerate(HEADS))
+
+    _train(work / "evaluator", {"evaluator": evaluator}, 2e-3, schedule.evaluator_steps, loss,
+           every=schedule.checkpoint_every, ema_decay=None, progress=progress)
+    return evaluator
+
+
+def save_evaluator(evaluator: ShapesEvaluator, out: Path, *, seed: int, schedule: Schedule, seconds: float) -> None:
+    """Write ``out/tiny-shapes-evaluator`` with a ``build.json`` saying how it was trained."""
+    evaluator.save_pretrained(out / "tiny-shapes-evaluator", safe_serialization=True)
+    write_json(out / "tiny-shapes-evaluator" / "build.json", {
+        "seed": seed, "evaluator_steps": schedule.evaluator_steps, "evaluator_batch": schedule.evaluator_batch,
+        "seconds": seconds, "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"})
+
+
 def build(
     out: Path,
     *,
@@ -215,25 +244,15 @@ def build(
     if (work / "build.json").exists():
         seconds = json.loads((work / "build.json").read_text())["seconds"]
 
-    def timed(name: str, fn: Callable[[], object]) -> None:
+    def timed(name: str, fn: Callable[[], T]) -> T:
         t0 = time.perf_counter()
-        fn()
+        result = fn()
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
         write_json(work / "build.json", {"seconds": seconds})
+        return result
 
     # 1. evaluator
-    torch.manual_seed(seed)
-    evaluator = ShapesEvaluator()
-
-    def evaluator_loss(step: int) -> torch.Tensor:
-        rng, gen = _rngs(seed, 1, step)
-        images, _, labels = world.sample_batch(s.evaluator_batch, rng)
-        logits, _ = evaluator(augment(torch.from_numpy(images), gen))
-        labels_t = torch.from_numpy(labels)
-        return sum(nn.functional.cross_entropy(logits[h], labels_t[:, i]) for i, h in enumerate(world.HEADS))
-
-    timed("evaluator", lambda: _train(work / "evaluator", {"evaluator": evaluator}, 2e-3, s.evaluator_steps,
-                                      evaluator_loss, every=s.checkpoint_every, ema_decay=None, progress=progress))
+    evaluator = timed("evaluator", lambda: train_evaluator(work, seed=seed, schedule=s, progress=progress))
 
     # 2. VAE
     torch.manual_seed(seed + 1)
@@ -290,7 +309,7 @@ def build(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out / "tiny-shapes", safe_serialization=True)
-    evaluator.save_pretrained(out / "tiny-shapes-evaluator", safe_serialization=True)
+    save_evaluator(evaluator, out, seed=seed, schedule=schedule, seconds=seconds["evaluator"])
     info = {
         "seed": seed,
         "schedule": asdict(schedule),

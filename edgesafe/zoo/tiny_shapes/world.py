@@ -137,6 +137,43 @@ def render(attrs: Attributes, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
+def render_unclear(obj: str | None, colour: str | None, style: str | None, rng: np.random.Generator) -> np.ndarray:
+    """An image of the world with no clear object or no clear background, as :func:`render` makes them, for an
+    evaluator to learn 'none': ``obj`` of ``colour`` or, with ``obj`` None, a shapeless lumpy blob of
+    ``colour`` (what a broken generator draws instead of an object) or nothing (``colour`` None too); on the
+    ``style`` background or, with ``style`` None, on blotches of no pattern (what it draws instead of one)."""
+    n = IMAGE_SIZE * _SUPERSAMPLE
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / _SUPERSAMPLE + 0.5 / _SUPERSAMPLE
+    bg = _background(style, xx, yy, rng) if style else _blotches(xx, yy, rng)
+    r = rng.uniform(7.0, 11.0) if obj else rng.uniform(6.0, 11.0)
+    cx, cy = rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=2)
+    if obj:
+        mask = _shape(obj, xx - cx, yy - cy, r, rng).astype(np.float32)
+    elif colour:
+        lumps = np.zeros_like(xx)
+        for _ in range(6):  # random low-frequency waves: an outline with no corners, arms or symmetry
+            fx, fy = rng.uniform(-0.6, 0.6, size=2)
+            lumps += np.cos(fx * xx + fy * yy + rng.uniform(0, 2 * np.pi))
+        mask = (1 - np.hypot(xx - cx, yy - cy) ** 2 / r**2 + rng.uniform(0.5, 0.9) * lumps / 6**0.5 > 0)
+    else:
+        mask = np.zeros_like(xx)
+    rgb = np.asarray(_RGB[colour], np.float32) * rng.uniform(0.85, 1.0) if colour else np.zeros(3, np.float32)
+    img = bg[..., None] * (1 - mask[..., None]) + rgb * mask[..., None]
+    img = img.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+def _blotches(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Grey blotches of random size and no period: a k x k grid of random levels, bilinearly interpolated."""
+    k = int(rng.integers(4, 11))
+    levels = rng.uniform(0.1, 0.8, size=(k + 1, k + 1))
+    u, v = x / IMAGE_SIZE * k, y / IMAGE_SIZE * k
+    i, j = np.minimum(u.astype(int), k - 1), np.minimum(v.astype(int), k - 1)
+    fu, fv = u - i, v - j
+    return ((levels[j, i] * (1 - fu) + levels[j, i + 1] * fu) * (1 - fv)
+            + (levels[j + 1, i] * (1 - fu) + levels[j + 1, i + 1] * fu) * fv).astype(np.float32)
+
+
 def _background(style: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     lo = rng.uniform(0.1, 0.35)
     hi = lo + rng.uniform(0.3, 0.45)
