@@ -255,7 +255,9 @@ def test_unlearning_solver_without_concepts():
 
 
 @pytest.mark.parametrize("launcher", [
-    ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+    # the same ranks under torchrun: in the slow set (the default run keeps the README's launcher)
+    pytest.param(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+                 marks=pytest.mark.slow),
     # on CPUs `--cpu --num_processes 2` starts one process; --multi_gpu with Accelerator(cpu=True) starts two
     ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29534"],
 ], ids=["torchrun", "accelerate"])

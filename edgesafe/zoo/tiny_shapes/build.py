@@ -204,8 +204,7 @@ def _train(
 
 
 def train_evaluator(work: Path, *, seed: int, schedule: Schedule, progress: ProgressFn | None) -> ShapesEvaluator:
-    """Phase 1: the evaluator, on :func:`training_batch` (the world's images and images with no object,
-    augmented), checkpointed in ``work/evaluator``."""
+    """Phase 1: the evaluator, on :func:`training_batch`'s images, checkpointed in ``work/evaluator``."""
     torch.manual_seed(seed)
     evaluator = ShapesEvaluator()
 

@@ -5,10 +5,12 @@ by the evaluator (prompt accuracy, concept rates, FID of this world) changes wit
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import time
 from pathlib import Path
 
+from . import evaluator, world
 from .build import SCHEDULES, ProgressFn, Schedule, save_evaluator, train_evaluator
 from .evaluator import ShapesEvaluator
 
@@ -16,16 +18,18 @@ __all__ = ["SCHEDULES", "architecture_id", "build"]
 
 
 def architecture_id() -> str:
-    """A short hash of the evaluator's config, so that checkpoints of another evaluator are never resumed."""
+    """A short hash of the evaluator's config and of the code that draws its training images, so that checkpoints
+    of another evaluator, or of one trained on other images, are never resumed."""
     config = {k: v for k, v in dict(ShapesEvaluator().config).items() if not k.startswith("_")}
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    text = json.dumps(config, sort_keys=True, default=str) + inspect.getsource(evaluator) + inspect.getsource(world)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def build(out: Path, *, work: Path, seed: int = 0, schedule: Schedule = SCHEDULES["full"],
           progress: ProgressFn | None = None) -> dict:
     """Train the evaluator (``schedule``'s ``evaluator_*`` fields) and write ``out/tiny-shapes-evaluator``."""
     t0 = time.perf_counter()
-    evaluator = train_evaluator(work, seed=seed, schedule=schedule, progress=progress)
+    trained = train_evaluator(work, seed=seed, schedule=schedule, progress=progress)
     seconds = time.perf_counter() - t0
-    save_evaluator(evaluator, out, seed=seed, schedule=schedule, seconds=seconds)
+    save_evaluator(trained, out, seed=seed, schedule=schedule, seconds=seconds)
     return {"seed": seed, "build_seconds": seconds}
