@@ -249,7 +249,10 @@ def sweep(args) -> None:
     evaluation = Evaluation(base, evaluator)
     refs_path = work / "references.safetensors"
     teacher_path = work / "cells" / "teacher.json"
-    stale = lambda path: json.loads(path.read_text()).get("evaluator") != evaluation.evaluator_id  # noqa: E731
+
+    def stale(path: Path) -> bool:  # its figures were read by another evaluator
+        return json.loads(path.read_text()).get("evaluator") != evaluation.evaluator_id
+
     if not args.worker and (not teacher_path.is_file() or stale(teacher_path)):
         figures = evaluation(teacher)
         _, real = evaluator.classify(real_images(2000, seed=REAL_SEED, exclude=tuple(world.UNWANTED)))
@@ -264,9 +267,11 @@ def sweep(args) -> None:
         if (path.is_file() and not stale(path)) or not claim(path):
             continue
         t0 = time.perf_counter()
-        result = path.is_file() and rescore(json.loads(path.read_text()), work, run.root / PRUNE.folder,
-                                            evaluation, refs)
-        result = result or run_cell(cell, work, copy.deepcopy(teacher), run.root / PRUNE.folder, evaluation, refs)
+        result = None
+        if path.is_file():  # finished, read by another evaluator: scored again from its checkpoint
+            result = rescore(json.loads(path.read_text()), work, run.root / PRUNE.folder, evaluation, refs)
+        if result is None:
+            result = run_cell(cell, work, copy.deepcopy(teacher), run.root / PRUNE.folder, evaluation, refs)
         write_json(cell_path(work, cell), result)
         cell_path(work, cell).with_suffix(".claim").unlink(missing_ok=True)
         acc = statistics.fmean(result["wanted_hits"])
