@@ -131,8 +131,12 @@ def render(attrs: Attributes, rng: np.random.Generator) -> np.ndarray:
     r = rng.uniform(7.0, 11.0)
     cx, cy = rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=2)
     mask = _shape(attrs.object, xx - cx, yy - cy, r, rng).astype(np.float32)
-    colour = np.asarray(_RGB[attrs.colour], np.float32) * rng.uniform(0.85, 1.0)
-    img = bg[..., None] * (1 - mask[..., None]) + colour * mask[..., None]
+    return _composed(bg, mask, np.asarray(_RGB[attrs.colour], np.float32) * rng.uniform(0.85, 1.0))
+
+
+def _composed(bg: np.ndarray, mask: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` where ``mask`` is set over the grey ``bg``, both supersampled, averaged down to the image size."""
+    img = bg[..., None] * (1 - mask[..., None]) + rgb * mask[..., None]
     img = img.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
@@ -158,9 +162,7 @@ def render_unclear(obj: str | None, colour: str | None, style: str | None, rng: 
     else:
         mask = np.zeros_like(xx)
     rgb = np.asarray(_RGB[colour], np.float32) * rng.uniform(0.85, 1.0) if colour else np.zeros(3, np.float32)
-    img = bg[..., None] * (1 - mask[..., None]) + rgb * mask[..., None]
-    img = img.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))
-    return np.clip(img, 0.0, 1.0).astype(np.float32)
+    return _composed(bg, mask, rgb)
 
 
 def _blotches(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
