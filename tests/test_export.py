@@ -442,7 +442,7 @@ def test_the_mixed_palettization_widens_the_fragile_weight_and_no_more_than_it_n
     pipe = _fragile_pipeline()
     fp16 = export_coreml(pipe, tmp_path / "fp16")
     prompts = ["a red circle on a plain background", "a blue square with stripes"]
-    out = quantize_coreml(fp16, tmp_path / "mixed", "coreml-mixed", MixedBitInputs(pipe, prompts, 2, 5.0, 25.0))
+    out = quantize_coreml(fp16, tmp_path / "mixed", "coreml-mixed", MixedBitInputs(pipe, prompts, 4, 5.0, 25.0))
     analysis = json.loads((out / ANALYSIS).read_text())
     fragile = "Unet:down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight"
     weights = {w["name"]: w for w in analysis["weights"]}
@@ -461,18 +461,18 @@ def test_the_mixed_palettization_widens_the_fragile_weight_and_no_more_than_it_n
     assert 16 < wide.unique().numel() <= 2 ** weights[fragile]["bits"]
     assert device.unet.down_blocks[0].resnets[0].conv1.weight.unique().numel() <= 16
     latents = seeded_normal(latent_shape(pipe, 2), 0)  # the search's latents: the target holds where measured
-    got, ref = (p(prompts, latents=latents.clone(), num_inference_steps=2, guidance_scale=5.0, output_type="np").images
+    got, ref = (p(prompts, latents=latents.clone(), num_inference_steps=4, guidance_scale=5.0, output_type="np").images
                 for p in (device, reference))
     assert psnr_db(ref, got) == pytest.approx(analysis["psnr_db"], abs=1e-3)
 
     # made again over its folder with a new target: the per-weight figures are reused, only the search runs
-    again = json.loads((quantize_coreml(fp16, out, "coreml-mixed", MixedBitInputs(pipe, prompts, 2, 5.0, 32.0))
+    again = json.loads((quantize_coreml(fp16, out, "coreml-mixed", MixedBitInputs(pipe, prompts, 4, 5.0, 32.0))
                         / ANALYSIS).read_text())
     assert again["reused_ranking"] and again["weights"][0]["psnr_db_alone"] == analysis["weights"][0]["psnr_db_alone"]
     assert again["evaluations"] < 12 and again["psnr_db"] >= 32 and again["mean_bits"] > analysis["mean_bits"]
     with pytest.raises(EdgesafeError, match=r"coreml-mixed: no palettized mix reaches 150 dB against fp16; with "
                                             r"only \S+ at \d+ bits the images are at [\d.]+ dB"):
-        quantize_coreml(fp16, out, "coreml-mixed", MixedBitInputs(pipe, prompts, 2, 5.0, 150.0))
+        quantize_coreml(fp16, out, "coreml-mixed", MixedBitInputs(pipe, prompts, 4, 5.0, 150.0))
     assert json.loads((out / ANALYSIS).read_text())["target_psnr_db"] == 32  # the last good one stays
 
 
