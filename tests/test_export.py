@@ -228,6 +228,16 @@ def test_static_int8_calibrates_only_the_layers_it_quantizes_and_gets_onnxruntim
     assert scores and not calibrated & set(scores)
 
 
+def test_static_int8_keeps_the_last_up_blocks_shortcut_convolutions_in_fp32(onnx_dir):
+    from edgesafe.export.quantize import always_fp32, quantizable_layers
+
+    model = onnx.load(str(onnx_dir / "unet" / "model.onnx"), load_external_data=False)
+    shortcuts = [n.name for n in model.graph.node if n.op_type == "Conv" and "conv_shortcut" in n.name]
+    last = [s for s in shortcuts if "/up_blocks.3/" in s]
+    assert len(last) == 2 and set(last) <= set(always_fp32(model))
+    assert set(shortcuts) - set(last) <= set(quantizable_layers(model))  # the other shortcuts stay INT8
+
+
 def _fragile_pipeline():
     """The tiny-shapes text encoder and VAE with a small UNet in which one layer cannot take INT8: the input of
     the first block's feed-forward projection has one channel 1000x the rest (its LayerNorm scaled up, the

@@ -171,12 +171,19 @@ def prepared(path: Path, tmp: Path) -> Path:
 
 def always_fp32(model: onnx.ModelProto) -> list[str]:
     """The UNet layers every static variant keeps in fp32: the first and last convolutions (the latents in and
-    the noise out) and the time embedding (a few vectors, where INT8 saves nothing and every step's timestep
-    goes through). Attention's score and value MatMuls (no constant operand) and Softmax are never quantized."""
+    the noise out), the time embedding (a few vectors, where INT8 saves nothing and every step's timestep
+    goes through) and the last up block's shortcut convolutions. Those 1x1 convolutions read, un-normalized, the
+    concatenation of the decoder's features with the first encoder block's skip, whose ranges one per-tensor
+    activation scale cannot share: in the ``int8-mixed`` analyses of export.json (ae97ff4) they were the two most
+    sensitive layers of both the pruned tiny-shapes and the medium UNet, and keeping them costs under 1% of SD
+    1.5's MACs. Attention's score and value MatMuls (no constant operand) and Softmax are never quantized."""
     inputs = {i.name for i in model.graph.input}
     outputs = {o.name for o in model.graph.output}
+    ups = [int(n.name.split("/up_blocks.")[1].split("/")[0]) for n in model.graph.node if "/up_blocks." in n.name]
+    last_shortcuts = f"/up_blocks.{max(ups)}/" if ups else None
     return [n.name for n in model.graph.node if n.op_type in OPS and (
-        (n.op_type == "Conv" and (n.input[0] in inputs or n.output[0] in outputs)) or "time_emb" in n.name)]
+        (n.op_type == "Conv" and (n.input[0] in inputs or n.output[0] in outputs)) or "time_emb" in n.name
+        or (last_shortcuts is not None and last_shortcuts in n.name and "conv_shortcut" in n.name))]
 
 
 def quantizable_layers(model: onnx.ModelProto) -> list[str]:
