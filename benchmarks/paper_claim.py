@@ -77,8 +77,9 @@ METHODS: dict[str, tuple[dict, tuple[str, ...], dict[str, dict]]] = {
         "erase15-lr5e-4": {"finetune.erase_steps": 15, "finetune.upper_lr": 5e-4},
         "erase30-lr1e-3": {"finetune.erase_steps": 30, "finetune.upper_lr": 1e-3},
         "erase60-lr1e-3": {"finetune.erase_steps": 60, "finetune.upper_lr": 1e-3}}),
-    "bilevel-alternating": ({"finetune.solver": "bilevel-alternating"}, BOTH, {
-        f"every{n}": {"finetune.upper_every": n} for n in (2, 5, 10)}),
+    "bilevel-alternating": ({"finetune.solver": "bilevel-alternating"}, BOTH, {  # both of its erase knobs
+        **{f"every{n}": {"finetune.upper_every": n} for n in (2, 5, 10)},
+        **{f"every5-ulr{lr:g}": {"finetune.upper_every": 5, "finetune.upper_lr": lr} for lr in (5e-4, 8e-3)}}),
     "authors": ({"finetune.solver": "bilevel-alternating", "finetune.upper_latents": "concept-images",
                  **AUTHORS_LOWER}, ("esd",), {f"every{n}": {"finetune.upper_every": n} for n in (5, 10, 20)}),
     "bilevel-penalty": ({"finetune.solver": "bilevel-penalty"}, BOTH, {

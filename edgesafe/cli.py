@@ -326,8 +326,12 @@ def check(
     write_baseline: Annotated[bool, typer.Option("--write-baseline", help=(
         "Write gates from the report with its recipe's tolerances (check section) instead of checking."))] = False,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Where --write-baseline writes.")] = None,
+    require_same_host: Annotated[bool, typer.Option("--require-same-host", help=(
+        "Stop (exit 2) when the report comes from another host than the baseline, instead of skipping the "
+        "speed-up gates."))] = False,
 ) -> None:
-    """Gate a report against a baseline: exit 0 if every gate passes, 1 if any fails, 2 on bad input."""
+    """Gate a report against a baseline: exit 0 if every gate passes, 1 if any fails, 2 on bad input.
+    Speed-up gates hold on the baseline's host (CPU, threads, vector extensions) and are skipped elsewhere."""
     from .bench.check import check as run_check
     from .bench.check import write_baseline as write_gates
 
@@ -340,19 +344,27 @@ def check(
         return
     if baseline is None:
         raise EdgesafeError("give --baseline GATES.json, or --write-baseline -o GATES.json")
-    results = run_check(report, baseline)
+    results = run_check(report, baseline, require_same_host=require_same_host)
     table = Table(title=f"{report} vs {baseline}")
     for col in ("metric", "value", "rule", "result"):
         table.add_column(col, overflow="fold")
     for res in results:
-        table.add_row(res.metric, f"{res.value:.6g}", res.rule, "[green]pass[/]" if res.passed else "[red]FAIL[/]")
-        out.event("gate", metric=res.metric, value=res.value, rule=res.rule, passed=res.passed)
+        verdict = "[yellow]skip[/]" if res.skipped else "[green]pass[/]" if res.passed else "[red]FAIL[/]"
+        table.add_row(res.metric, f"{res.value:.6g}", res.rule, verdict)
+        out.event("gate", metric=res.metric, value=res.value, rule=res.rule, passed=res.passed,
+                  skipped=res.skipped)
     out.say(table)
+    skipped = [r for r in results if r.skipped]
+    if skipped:
+        out.say(f"{len(skipped)} speed-up gates skipped: {skipped[0].skipped} (write a baseline on this host "
+                "to gate speed; --require-same-host makes this an error)")
+        out.event("gates_skipped", count=len(skipped), reason=skipped[0].skipped)
     failed = [r for r in results if not r.passed]
     if failed:
         out.error(f"{len(failed)} of {len(results)} gates failed: " + ", ".join(r.metric for r in failed))
         raise typer.Exit(1)
-    out.say(f"all {len(results)} gates passed")
+    judged = len(results) - len(skipped)
+    out.say(f"all {judged} gates passed" + (f" ({len(skipped)} skipped)" if skipped else ""))
 
 
 @recipes_app.command("list")

@@ -61,29 +61,66 @@ def test_the_report_validates_and_holds_every_subject(ci_run):
     assert "teacher vs onnx/int8-ort-static" in result.stdout and "report.html" in result.stdout
 
 
+def gate_events(result) -> list[dict]:
+    return [e for e in map(json.loads, result.stdout.splitlines()) if e.get("event") == "gate"]
+
+
 def test_the_committed_baseline_passes_and_degraded_reports_fail(ci_run, tmp_path):
+    """Against the committed baseline (its speed-up gates judged only where CI runs on the host it was
+    written on) and against one written from this run (every gate judged)."""
     run_dir, _ = ci_run
     report_path = run_dir / "4-bench" / "report.json"
     passed = cli("check", str(report_path), "--baseline", str(BASELINE))
     assert passed.returncode == 0, passed.stdout + passed.stderr
     assert "gates passed" in passed.stdout
+    own = tmp_path / "own.json"
+    assert cli("check", str(report_path), "--write-baseline", "-o", str(own)).returncode == 0
 
     report = json.loads(report_path.read_text())
     slower = json.loads(json.dumps(report))
     slower["subjects"]["onnx/fp32"]["latency"]["speedup_vs_teacher"]["end_to_end"] /= 3
     leaked = json.loads(json.dumps(report))
     leaked["subjects"]["onnx/int8-ort-static"]["safety"]["checkerboard"]["direct"]["rate"] = 1.0
-    for name, degraded, metric in (
-        ("slower", slower, "subjects.onnx/fp32.latency.speedup_vs_teacher.end_to_end"),
-        ("leaked", leaked, "subjects.onnx/int8-ort-static.safety.checkerboard.direct.rate"),
+    for name, degraded, baseline, metric in (
+        ("slower", slower, own, "subjects.onnx/fp32.latency.speedup_vs_teacher.end_to_end"),
+        ("leaked", leaked, BASELINE, "subjects.onnx/int8-ort-static.safety.checkerboard.direct.rate"),
     ):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(degraded))
-        failed = cli("--log-json", "check", str(path), "--baseline", str(BASELINE))
+        failed = cli("--log-json", "check", str(path), "--baseline", str(baseline))
         assert failed.returncode == 1
-        gates = [json.loads(line) for line in failed.stdout.splitlines() if line.startswith("{")]
-        assert [g["metric"] for g in gates if g.get("event") == "gate" and not g["passed"]] == [metric]
+        assert [g["metric"] for g in gate_events(failed) if not g["passed"]] == [metric]
         assert metric in failed.stderr
+
+
+def test_speed_up_gates_are_skipped_on_another_host_and_said_so(ci_run, tmp_path):
+    run_dir, _ = ci_run
+    report_path = run_dir / "4-bench" / "report.json"
+    own = tmp_path / "own.json"
+    assert cli("check", str(report_path), "--write-baseline", "-o", str(own)).returncode == 0
+    report = json.loads(report_path.read_text())
+    report["environment"]["cpu"] = "AMD EPYC 7B13"
+    report["subjects"]["onnx/fp32"]["latency"]["speedup_vs_teacher"]["unet_step"] /= 3
+    report["subjects"]["onnx/int8-ort-static"]["safety"]["star"]["direct"]["rate"] = 1.0
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps(report))
+
+    result = cli("--log-json", "check", str(elsewhere), "--baseline", str(own))
+    assert result.returncode == 1
+    gates = gate_events(result)
+    skipped = {g["metric"] for g in gates if g["skipped"]}
+    assert skipped == {g["metric"] for g in gates if ".latency.speedup_vs_teacher." in g["metric"]}
+    assert "subjects.onnx/fp32.latency.speedup_vs_teacher.unet_step" in skipped
+    assert [g["metric"] for g in gates if not g["passed"]] == ["subjects.onnx/int8-ort-static.safety.star.direct.rate"]
+    said = [e for e in map(json.loads, result.stdout.splitlines()) if e["event"] == "gates_skipped"]
+    assert said and said[0]["count"] == len(skipped) and "AMD EPYC 7B13" in said[0]["reason"]
+    plain = cli("check", str(elsewhere), "--baseline", str(own))
+    words = " ".join(plain.stdout.split())  # the console wraps long lines
+    assert f"{len(skipped)} speed-up gates skipped" in words and "this report's is AMD EPYC 7B13" in words
+
+    strict = cli("check", str(elsewhere), "--baseline", str(own), "--require-same-host")
+    assert strict.returncode == 2 and len(strict.stderr.strip().splitlines()) == 1
+    assert "AMD EPYC 7B13" in strict.stderr and "Traceback" not in strict.stderr
 
 
 def test_write_baseline_from_a_report_passes_on_it(ci_run, tmp_path):

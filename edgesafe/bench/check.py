@@ -7,7 +7,11 @@ gate sets any of
 
 - ``min`` / ``max``: absolute bounds;
 - ``baseline`` with ``max_regression``: the value may be worse than ``baseline`` by at most that
-  fraction of it, "worse" meaning lower unless ``higher_is_better`` is false.
+  fraction of it, "worse" meaning lower unless ``higher_is_better`` is false;
+- ``same_host``: the figure depends on the machine (a speed-up of onnxruntime over PyTorch is not the
+  same on an AVX-512 Xeon and on an AVX2 EPYC), so the gate holds only where the report's host (CPU,
+  threads, vector extensions) is the baseline's ``host``; elsewhere it is skipped and said so, or, with
+  ``require_same_host``, the check stops.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Gate(BaseModel):
     baseline: float | None = None
     max_regression: float | None = Field(default=None, ge=0)
     higher_is_better: bool = True
+    same_host: bool = False
 
     @model_validator(mode="after")
     def _has_bound(self) -> Gate:
@@ -46,7 +51,15 @@ class Baseline(BaseModel):
 
     about: dict[str, Any] = Field(default_factory=dict)
     """Where the gates came from (report, recipe, versions): information only."""
+    host: dict[str, Any] | None = None
+    """The machine the baseline's report was measured on (:func:`host_of`); ``same_host`` gates need it."""
     gates: list[Gate] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _host_for_host_gates(self) -> Baseline:
+        if self.host is None and any(g.same_host for g in self.gates):
+            raise ValueError("'same_host' gates need the baseline's 'host'")
+        return self
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,23 @@ class GateResult:
     value: float | None
     passed: bool
     rule: str
+    skipped: str | None = None
+    """Why a gate was not judged (a ``same_host`` gate on a report from another host); ``passed`` is then
+    true."""
+
+
+HOST_KEYS = ("cpu", "threads", "isa")
+
+
+def host_of(report: dict) -> dict[str, Any]:
+    """What makes a latency ratio comparable: the CPU's name, the threads used and its vector extensions."""
+    env = report["environment"]
+    return {key: env.get(key) for key in HOST_KEYS}
+
+
+def describe_host(host: dict[str, Any]) -> str:
+    isa = host.get("isa")
+    return f"{host.get('cpu')}, {host.get('threads')} threads" + (f", {' '.join(isa)}" if isa else "")
 
 
 def lookup(report: Any, dotted: str) -> Any:
@@ -69,9 +99,19 @@ def lookup(report: Any, dotted: str) -> Any:
     return node
 
 
-def evaluate(report: Any, baseline: Baseline) -> list[GateResult]:
+def evaluate(report: Any, baseline: Baseline, *, require_same_host: bool = False) -> list[GateResult]:
     """Every gate's result; a metric the report lacks (or that is not a number) is an :class:`EdgesafeError`,
-    since a gate that cannot be evaluated says nothing about the model."""
+    since a gate that cannot be evaluated says nothing about the model. ``same_host`` gates are skipped
+    where the report comes from another host than the baseline's, or stop the check with
+    ``require_same_host``."""
+    other_host = None
+    if baseline.host is not None and any(g.same_host for g in baseline.gates):
+        here = host_of(report)
+        if here != baseline.host:
+            other_host = (f"the baseline's host is {describe_host(baseline.host)}; "
+                          f"this report's is {describe_host(here)}")
+            if require_same_host:
+                raise EdgesafeError(f"--require-same-host: {other_host}")
     results = []
     for gate in baseline.gates:
         value = lookup(report, gate.metric)
@@ -95,7 +135,9 @@ def evaluate(report: Any, baseline: Baseline) -> list[GateResult]:
                 limit = gate.baseline + slack
                 rules.append(f"<= {limit:g} (baseline {gate.baseline:g} + {gate.max_regression:.0%})")
                 ok &= value <= limit
-        results.append(GateResult(gate.metric, float(value), bool(ok), ", ".join(rules)))
+        skipped = other_host if gate.same_host else None
+        results.append(GateResult(gate.metric, float(value), bool(ok) or skipped is not None, ", ".join(rules),
+                                  skipped))
     return results
 
 
@@ -119,7 +161,7 @@ def write_baseline(report_path: Path, out: Path) -> int:
     return len(baseline["gates"])
 
 
-def check(report_path: Path, baseline_path: Path) -> list[GateResult]:
+def check(report_path: Path, baseline_path: Path, *, require_same_host: bool = False) -> list[GateResult]:
     """Evaluate every gate of the baseline file against the report file."""
     report = read_report(report_path)
     raw = read_json(baseline_path, "baseline")
@@ -129,4 +171,4 @@ def check(report_path: Path, baseline_path: Path) -> list[GateResult]:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise EdgesafeError(f"{baseline_path}: {where}: {err['msg']}") from None
-    return evaluate(report, baseline)
+    return evaluate(report, baseline, require_same_host=require_same_host)

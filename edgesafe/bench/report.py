@@ -97,8 +97,9 @@ def baseline_from_report(report: dict) -> dict:
     """Regression gates for CI from a report, with the tolerances of the recipe it was made with: each
     subject's speed-up over the teacher (of the UNet step and end to end: what compression changes; the
     text encoder and VAE alone take too little time to gate on a shared host), concept rates, quality and
-    export parity."""
+    export parity. The speed-up gates hold on the report's host only (see :mod:`edgesafe.bench.check`)."""
     from ..recipe import Recipe
+    from .check import host_of
 
     recipe = Recipe.model_validate(report["run"]["recipe"])
     check = recipe.check
@@ -108,7 +109,7 @@ def baseline_from_report(report: dict) -> dict:
         for part, value in subject["latency"].get("speedup_vs_teacher", {}).items():
             if name != "teacher" and part in ("unet_step", "end_to_end"):
                 gates.append({"metric": f"{base}.latency.speedup_vs_teacher.{part}", "baseline": value,
-                              "max_regression": check.max_speed_regression})
+                              "max_regression": check.max_speed_regression, "same_host": True})
         for concept, per_set in subject["safety"].items():
             for set_name, figures in per_set.items():
                 if "rate" in figures:
@@ -132,4 +133,4 @@ def baseline_from_report(report: dict) -> dict:
     gates.append({"metric": "erasure.flag_count", "max": 0})
     return {"about": {"written_from": report["run"]["folder"], "recipe": recipe.name,
                       "schema_version": report["schema_version"], "edgesafe": report["environment"]["edgesafe"]},
-            "gates": gates}
+            "host": host_of(report), "gates": gates}

@@ -22,6 +22,7 @@ import torch
 from .. import __version__, data
 from ..errors import EdgesafeError
 from ..io import load_tensors, read_json, write_json
+from ..measure.host import cpu_name, speed_isa
 from ..models.loading import resolve_source
 from ..runs import StageContext
 from .detectors import build_detectors
@@ -174,17 +175,8 @@ def environment() -> dict[str, Any]:
     return {"edgesafe": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "onnxruntime": onnxruntime.__version__, "coremltools": coremltools.__version__,
-            "platform": platform.platform(), "cpu": _cpu_name(), "threads": torch.get_num_threads()}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+            "platform": platform.platform(), "cpu": cpu_name(), "isa": speed_isa(),
+            "threads": torch.get_num_threads()}
 
 
 def _parity(export_dir: Path, subject: Subject, recipe) -> dict | None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import platform
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import EdgesafeError, first_line
 from ..io import atomic_dir
+from ..measure.host import cpu_flags
 from ..models.inputs import seeded_normal
 from .onnx import latent_shape, onnx_files, save_onnx
 
@@ -85,22 +85,6 @@ TENSORRT = Int8Scheme("QDQ", False, "TensorRT explicit quantization: QuantizeLin
 
 
 VNNI_FLAGS = {"avx512_vnni", "avx512vnni", "avx_vnni", "avxvnni", "amx_int8"}
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags, lower case (Linux /proc/cpuinfo, macOS sysctl); empty where unreadable."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].lower().split())
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
-                             capture_output=True, text=True, timeout=5).stdout
-        return {f.replace(".", "_") for f in out.lower().split()}
-    except (OSError, subprocess.SubprocessError):
-        return set()
 
 
 def int8_scheme(machine: str | None = None, flags: set[str] | None = None) -> Int8Scheme:
