@@ -9,14 +9,17 @@ Every (method, objective, setting, seed) cell fine-tunes the recipe's pruned stu
 recipe's lower-level steps and is evaluated on 8 noise seeds over the bench's full wanted-prompt
 distribution (96 prompts covering every template and synonym) and over 16 direct and 16 paraphrase
 prompts per concept from the world's prompt generator (more and more varied than the recipe's own).
-Each finished cell is a JSON file under ``--work`` (per-image hits kept for the bootstrap), so the sweep
-can be stopped and continued; ``--report`` reads whatever cells exist and writes paper_claim.json and
-pareto.png. A cell's figures are read by the world's evaluator, whose weights' hash each cell records: when the
-evaluator changes, the sweep scores its finished cells again from their kept final checkpoints (no retraining),
-and the teacher's figures and the reference features with them. Cells run one after another in each of
-``--jobs`` processes (several share one GPU well: the model is tiny), each claiming a cell before it starts it;
-wall time, gradient evaluations (samples through a training forward of the student or phi), the commit and the
-hardware are recorded per cell. On a GPU the cells train and generate there.
+Each finished cell is a small JSON file under ``--cells`` (per-image hits kept for the bootstrap), committed
+beside the results so that the sweep grows across machines and sessions: it can be stopped and continued. The
+pruned student, the training folders and the reference features live under ``--work`` (scratch, made again
+when missing). ``--report`` reads whatever cells exist and writes paper_claim.json and pareto.png. A cell's
+figures are read by the world's evaluator, whose weights' hash each cell records: when the evaluator changes,
+the sweep scores its finished cells again from their final checkpoints where the scratch folder still holds
+them (retraining them where it does not), and the teacher's figures and the reference features with them.
+Cells run one after another in each of ``--jobs`` processes (several share one GPU well: the model is tiny),
+each claiming a cell before it starts it; wall time, gradient evaluations (samples through a training forward
+of the student or phi), the commit and the hardware are recorded per cell. On a GPU the cells train and
+generate there.
 """
 
 from __future__ import annotations
@@ -117,9 +120,9 @@ def cells(seeds: int, only: list[str] | None) -> list[tuple[str, str, str, int]]
             if not only or m in only for o in objectives for s in settings]
 
 
-def cell_path(work: Path, cell: tuple[str, str, str, int]) -> Path:
+def cell_path(cells_dir: Path, cell: tuple[str, str, str, int]) -> Path:
     method, objective, setting, seed = cell
-    return work / "cells" / method / objective / setting / f"seed{seed}.json"
+    return cells_dir / method / objective / setting / f"seed{seed}.json"
 
 
 class Evaluation:
@@ -217,6 +220,14 @@ def run_cell(cell, work: Path, teacher, pruned_dir: Path, evaluation: Evaluation
     }
 
 
+def file_digest(folder: Path) -> str:
+    """The hash of a folder's weight files: cells made in other sessions started from the same student."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def claim(path: Path) -> bool:
     """Whether this process may run the cell whose result goes to ``path``: no other live process claimed it."""
     lock = path.with_suffix(".claim")
@@ -249,12 +260,12 @@ def sweep(args) -> None:
     evaluator = load_evaluator(base.model.evaluator).to(DEVICE)
     evaluation = Evaluation(base, evaluator)
     refs_path = work / "references.safetensors"
-    teacher_path = work / "cells" / "teacher.json"
+    teacher_path = args.cells / "teacher.json"
 
     def stale(path: Path) -> bool:  # its figures were read by another evaluator
         return json.loads(path.read_text()).get("evaluator") != evaluation.evaluator_id
 
-    if not args.worker and (not teacher_path.is_file() or stale(teacher_path)):
+    if not args.worker and (not teacher_path.is_file() or stale(teacher_path) or not refs_path.is_file()):
         figures = evaluation(teacher)
         _, real = evaluator.classify(real_images(2000, seed=REAL_SEED, exclude=tuple(world.UNWANTED)))
         save_tensors(refs_path, {"teacher": figures.pop("features"), "real": real})
@@ -262,9 +273,11 @@ def sweep(args) -> None:
     workers = [] if args.worker else [
         subprocess.Popen([sys.executable, __file__, "--worker", *sys.argv[1:]]) for _ in range(args.jobs - 1)]
     refs = load_tensors(refs_path)
-    todo = [c for c in cells(args.seeds, args.only) if not cell_path(work, c).is_file() or stale(cell_path(work, c))]
+    pruned_id = file_digest(run.root / PRUNE.folder / "unet")
+    todo = [c for c in cells(args.seeds, args.only)
+            if not cell_path(args.cells, c).is_file() or stale(cell_path(args.cells, c))]
     for n, cell in enumerate(todo[: args.limit]):
-        path = cell_path(work, cell)
+        path = cell_path(args.cells, cell)
         if (path.is_file() and not stale(path)) or not claim(path):
             continue
         t0 = time.perf_counter()
@@ -273,8 +286,9 @@ def sweep(args) -> None:
             result = rescore(json.loads(path.read_text()), work, run.root / PRUNE.folder, evaluation, refs)
         if result is None:
             result = run_cell(cell, work, copy.deepcopy(teacher), run.root / PRUNE.folder, evaluation, refs)
-        write_json(cell_path(work, cell), result)
-        cell_path(work, cell).with_suffix(".claim").unlink(missing_ok=True)
+            result["pruned_student"] = pruned_id
+        write_json(path, result)
+        path.with_suffix(".claim").unlink(missing_ok=True)
         acc = statistics.fmean(result["wanted_hits"])
         rates = {k: round(statistics.fmean(v), 3) for k, v in result.items() if k.count(".") == 1 and "hits" not in k
                  and isinstance(v, list)}
@@ -286,8 +300,8 @@ def sweep(args) -> None:
 
 # --- the analysis ----------------------------------------------------------------------------------
 
-def load_cells(work: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((work / "cells").glob("*/*/*/seed*.json"))]
+def load_cells(cells_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*/*/*/seed*.json"))]
 
 
 def concept_keys(cell: dict) -> dict[str, list[str]]:
@@ -356,10 +370,10 @@ def with_interval(samples: list[float | None], value: float | None) -> dict:
 
 
 def report(args) -> None:
-    all_cells = load_cells(args.work)
+    all_cells = load_cells(args.cells)
     if not all_cells:
-        sys.exit(f"no finished cells under {args.work}")
-    teacher = json.loads((args.work / "cells" / "teacher.json").read_text())
+        sys.exit(f"no finished cells under {args.cells}")
+    teacher = json.loads((args.cells / "teacher.json").read_text())
     groups: dict[tuple, list[dict]] = {}
     for c in all_cells:
         k = c["cell"]
@@ -443,7 +457,8 @@ def report(args) -> None:
                        "matched_quality": "kd's prompt accuracy minus 2 points, interpolated along each front",
                        "cells": len(all_cells),
                        "cell_commits": sorted({c.get("commit") or "unrecorded" for c in all_cells}),
-                       "evaluators": sorted({c.get("evaluator") or "unrecorded" for c in all_cells})},
+                       "evaluators": sorted({c.get("evaluator") or "unrecorded" for c in all_cells}),
+                       "pruned_students": sorted({c.get("pruned_student") or "unrecorded" for c in all_cells})},
     })
     plot(fronts, args.out.with_name("pareto.png"))
 
@@ -470,7 +485,10 @@ def plot(fronts: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "paper_claim")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "paper_claim",
+                        help="scratch: the pruned student, training folders and reference features")
+    parser.add_argument("--cells", type=Path, default=RESULTS / "paper_claim_cells",
+                        help="the finished cells (small JSON files, committed)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--only", nargs="+", choices=list(METHODS))
     parser.add_argument("--limit", type=int, default=None, help="stop after this many cells")
