@@ -5,21 +5,26 @@ unwanted-concept rate against quality with paired bootstrap intervals, and the s
     python benchmarks/paper_claim.py [--only METHOD ...] [--seeds 3] [--limit N] [--jobs N]   # run (resumable)
     python benchmarks/paper_claim.py --report                                                 # write the results
 
-Every (method, objective, setting, seed) cell fine-tunes the recipe's pruned student (pruned once) for the
-recipe's lower-level steps and is evaluated on 8 noise seeds over the bench's full wanted-prompt
-distribution (96 prompts covering every template and synonym) and over 16 direct and 16 paraphrase
-prompts per concept from the world's prompt generator (more and more varied than the recipe's own).
-Each finished cell is a small JSON file under ``--cells`` (per-image hits kept for the bootstrap), committed
-beside the results so that the sweep grows across machines and sessions: it can be stopped and continued. The
-pruned student, the training folders and the reference features live under ``--work`` (scratch, made again
-when missing). ``--report`` reads whatever cells exist and writes paper_claim.json and pareto.png. A cell's
-figures are read by the world's evaluator, whose weights' hash each cell records: when the evaluator changes,
-the sweep scores its finished cells again from their final checkpoints where the scratch folder still holds
-them (retraining them where it does not), and the teacher's figures and the reference features with them.
-Cells run one after another in each of ``--jobs`` processes (several share one GPU well: the model is tiny),
-each claiming a cell before it starts it; wall time, gradient evaluations (samples through a training forward
-of the student or phi), the commit and the hardware are recorded per cell. On a GPU the cells train and
-generate there.
+The sweep runs in two phases, each resumable per cell. The probe fine-tunes the recipe's pruned student (pruned
+once) at every point of each method's knob grid (seed 0, the recipe's lower-level steps) and reads held-out losses
+only (``Trainer.held_out_losses``: the distillation loss, and each concept's unlearning loss against its
+concept prompts' distillation loss, on data training never draws); from them it chooses, per method and
+objective, the settings on that method's held-out trade-off that kd does not beat (``choose``), and only those are
+scored with images, on every training seed (seed 0 reuses the probe's checkpoint). A scored cell is evaluated
+on 8 noise seeds over the bench's full wanted-prompt distribution (96 prompts covering every template and
+synonym) and over 16 direct and 16 paraphrase prompts per concept from the world's prompt generator (more and
+more varied than the recipe's own).
+
+Every training record and scored cell is a small JSON file under ``--cells`` (per-image hits kept for the
+bootstrap; ``chosen.json`` holds the probe's choice), committed beside the results so that the sweep grows
+across machines and sessions. The pruned student, the training folders and the reference features live under
+``--work`` (scratch, made again when missing). ``--report`` reads whatever cells exist and writes
+paper_claim.json and pareto.png. A scored cell records the hash of the world's evaluator that read it and of the
+pruned student it started from; when either changes the cell is scored again, from its final checkpoint where
+the scratch folder still holds it (trained again where it does not). Cells run one after another in each of
+``--jobs`` processes (several share one GPU well: the model is tiny), each claiming a cell before it starts it;
+wall time, gradient evaluations (samples through a training forward of the student or phi), the commit and the
+hardware are recorded per cell. On a GPU the cells train and generate there.
 """
 
 from __future__ import annotations
@@ -60,42 +65,46 @@ RESULTS = Path(__file__).parent / "results"
 EVAL_SEEDS = list(range(1000, 1008))
 CONCEPT_PROMPTS = 16
 REAL_SEED = 24680
+HELD_OUT_BATCHES = 16
+"""Held-out batches behind every trained cell's losses (``Trainer.held_out_losses``)."""
+CHOSEN = 3
+"""Settings per (method, objective) that the probe passes on to the image sweep."""
 AUTHORS_LOWER = {"finetune.lower.denoise": 1.0, "finetune.lower.output_kd": 2.0, "finetune.lower.feature_kd": 0.1,
                  "finetune.lower.min_snr_gamma": 5.0}
 BOTH = ("esd", "ablation")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# method -> (fixed settings, objectives, knob settings: label -> settings); upper_lr is the recipe's lr unless a
-# setting names it (the authors' variant: 5x, their ratio)
+# method -> (fixed settings, objectives, its knob's probe grid: label -> settings); upper_lr is the recipe's lr
+# unless a setting names it (the authors' variant: 5x, their ratio). The probe trains every grid point once and
+# passes CHOSEN of them per objective on to the image sweep (choose()).
+def two_stage_grid() -> dict[str, dict]:
+    return {f"erase{n}-lr{lr:g}": {"finetune.erase_steps": n, "finetune.upper_lr": lr}
+            for n, lr in [*((n, 1e-3) for n in (8, 15, 30, 60, 120)), (30, 5e-4), (30, 4e-3)]}
+
+
 METHODS: dict[str, tuple[dict, tuple[str, ...], dict[str, dict]]] = {
     "ddpm": ({"finetune.solver": "kd", "finetune.lower.output_kd": 0.0, "finetune.lower.feature_kd": 0.0},
              ("none",), {"-": {}}),
     "kd": ({"finetune.solver": "kd"}, ("none",), {"-": {}}),
-    "two-stage": ({"finetune.solver": "two-stage"}, BOTH, {
-        "erase15-lr5e-4": {"finetune.erase_steps": 15, "finetune.upper_lr": 5e-4},
-        "erase30-lr1e-3": {"finetune.erase_steps": 30, "finetune.upper_lr": 1e-3},
-        "erase60-lr1e-3": {"finetune.erase_steps": 60, "finetune.upper_lr": 1e-3}}),
+    "two-stage": ({"finetune.solver": "two-stage"}, BOTH, two_stage_grid()),
     "two-stage-esd": ({"finetune.solver": "two-stage", "finetune.erase_against": "distilled",
-                       "finetune.upper_latents": "model-samples"}, ("esd",), {
-        "erase15-lr5e-4": {"finetune.erase_steps": 15, "finetune.upper_lr": 5e-4},
-        "erase30-lr1e-3": {"finetune.erase_steps": 30, "finetune.upper_lr": 1e-3},
-        "erase60-lr1e-3": {"finetune.erase_steps": 60, "finetune.upper_lr": 1e-3}}),
+                       "finetune.upper_latents": "model-samples"}, ("esd",), two_stage_grid()),
     "bilevel-alternating": ({"finetune.solver": "bilevel-alternating"}, BOTH, {  # both of its erase knobs
-        **{f"every{n}": {"finetune.upper_every": n} for n in (2, 5, 10)},
+        **{f"every{n}": {"finetune.upper_every": n} for n in (1, 2, 5, 10, 20)},
         **{f"every5-ulr{lr:g}": {"finetune.upper_every": 5, "finetune.upper_lr": lr} for lr in (5e-4, 8e-3)}}),
     "authors": ({"finetune.solver": "bilevel-alternating", "finetune.upper_latents": "concept-images",
-                 **AUTHORS_LOWER}, ("esd",), {f"every{n}": {"finetune.upper_every": n} for n in (5, 10, 20)}),
+                 **AUTHORS_LOWER}, ("esd",), {f"every{n}": {"finetune.upper_every": n} for n in (2, 5, 10, 20, 40)}),
     "bilevel-penalty": ({"finetune.solver": "bilevel-penalty"}, BOTH, {
-        f"lambda{lam}": {"finetune.penalty_lambda": lam} for lam in (0.3, 1.0, 3.0)}),
-    "constrained": ({"finetune.solver": "constrained"}, BOTH, {
-        f"target{t}": {"finetune.unlearn_target": t} for t in (0.3, 1.0, 3.0)}),
+        f"lambda{lam}": {"finetune.penalty_lambda": lam} for lam in (0.1, 0.3, 1.0, 3.0, 10.0)}),
+    "constrained": ({"finetune.solver": "constrained"}, BOTH, {  # a multiple of the teacher's own unlearning loss
+        f"target{t}": {"finetune.unlearn_target": t} for t in (0.05, 0.1, 0.2, 0.4, 0.8)}),
     "default": ({}, ("recipe",), {"-": {}}),
 }
 BILEVEL = ("bilevel-alternating", "authors", "bilevel-penalty", "constrained")
 TWO_STAGE = ("two-stage", "two-stage-esd")
 
 
-def cell_recipe(method: str, objective: str, setting: str, seed: int):
+def cell_recipe(method: str, objective: str, setting: str, seed: int, steps: int | None = None):
     """The recipe of one cell: the shipped tiny-shapes recipe with the method's settings, every concept on
     ``objective`` (ESD guides away from the concept; ablation maps it onto its anchor)."""
     data = yaml.safe_load(RECIPE.read_text())
@@ -110,19 +119,81 @@ def cell_recipe(method: str, objective: str, setting: str, seed: int):
         data["concepts"] = [{**c, "objective": objective} for c in data["concepts"]]
     if method == "authors":
         data["finetune"]["upper_lr"] = 5 * data["finetune"]["lr"]  # the authors' ratio
-    overrides = {**fixed, **settings[setting], "seed": seed, "finetune.checkpoint_every": 10**6}
+    overrides = {**fixed, **settings[setting], "seed": seed, "finetune.checkpoint_every": 10**6,
+                 **({"finetune.steps": steps} if steps else {})}
     return recipe_from_dict(data, source=str(RECIPE), overrides=overrides)
 
 
-def cells(seeds: int, only: list[str] | None) -> list[tuple[str, str, str, int]]:
-    """Every cell, seed-major, so that an interrupted sweep has whole fronts for the first seeds."""
-    return [(m, o, s, seed) for seed in range(seeds) for m, (_, objectives, settings) in METHODS.items()
+Cell = tuple[str, str, str, int]  # (method, objective, setting, seed)
+KD: Cell = ("kd", "none", "-", 0)
+"""The probe's reference: distillation alone."""
+
+
+def grid(only: list[str] | None) -> list[Cell]:
+    """The probe: every method's every objective and grid setting, once (seed 0)."""
+    return [(m, o, s, 0) for m, (_, objectives, settings) in METHODS.items()
             if not only or m in only for o in objectives for s in settings]
 
 
-def cell_path(cells_dir: Path, cell: tuple[str, str, str, int]) -> Path:
+def cell_path(cells_dir: Path, cell: Cell) -> Path:
+    """A cell with its images scored."""
     method, objective, setting, seed = cell
     return cells_dir / method / objective / setting / f"seed{seed}.json"
+
+
+def trained_path(cells_dir: Path, cell: Cell) -> Path:
+    """A cell's training record: wall time, gradient evaluations and held-out losses, no images."""
+    method, objective, setting, seed = cell
+    return cells_dir / "trained" / method / objective / setting / f"seed{seed}.json"
+
+
+def erasure(held: dict, objective: str) -> float:
+    """Mean over the concepts of the held-out unlearning loss under ``objective`` against the concept prompts'
+    distillation loss (``Trainer.held_out_losses``): below 1 once the student predicts the objective's target
+    rather than the teacher."""
+    names = [k.split(".", 1)[1] for k in held if k.startswith("concept_kd.")]
+    return statistics.fmean(held[f"unlearn.{n}.{objective}"] / max(held[f"concept_kd.{n}"], 1e-12) for n in names)
+
+
+def choose(points: dict[str, tuple[float, float]], reference: tuple[float, float], k: int = CHOSEN) -> list[str]:
+    """Up to ``k`` settings spread along one method's held-out trade-off, (erasure, distillation loss) per
+    setting, lower is better for both: of the settings that neither another setting nor kd (``reference``)
+    beats on both, the strongest eraser, the weakest and those evenly between; where kd beats them all, the
+    ``k`` strongest erasers, so that the front shows what the method can reach."""
+    everyone = [*points.values(), reference]
+
+    def beaten(v: tuple[float, float]) -> bool:
+        return any(q[0] <= v[0] and q[1] <= v[1] and q != v for q in everyone)
+
+    front = sorted((v, s) for s, v in points.items() if not beaten(v))
+    if not front:
+        front = sorted((v, s) for s, v in points.items())[:k]
+    if len(front) > k:
+        front = [front[round(i * (len(front) - 1) / max(1, k - 1))] for i in range(k)]
+    return [setting for _, setting in front]
+
+
+def chosen_settings(cells_dir: Path, only: list[str] | None) -> dict:
+    """Per method and objective, the probe's grid points (held-out erasure and distillation loss) and the
+    settings passed on to the image sweep."""
+    records = {c: json.loads(trained_path(cells_dir, c).read_text()) for c in grid(only)}
+    kd = json.loads(trained_path(cells_dir, KD).read_text())
+    out: dict[str, dict] = {}
+    for (method, objective, setting, _), record in records.items():
+        entry = out.setdefault(method, {}).setdefault(objective, {"points": {}})
+        held = record["held_out"]
+        entry["points"][setting] = {"distill": held["output_kd"], "train_seconds": record["train_seconds"],
+                                    **({"erasure": erasure(held, objective)} if objective in BOTH else {})}
+    for objectives in out.values():
+        for objective, entry in objectives.items():
+            pts = entry["points"]
+            if objective not in BOTH:
+                entry["chosen"] = list(pts)
+                continue
+            entry["kd"] = {"erasure": erasure(kd["held_out"], objective), "distill": kd["held_out"]["output_kd"]}
+            entry["chosen"] = choose({s: (v["erasure"], v["distill"]) for s, v in pts.items()},
+                                     (entry["kd"]["erasure"], entry["kd"]["distill"]))
+    return out
 
 
 class Evaluation:
@@ -181,23 +252,28 @@ def scored(figures: dict, refs: dict) -> dict:
             "fid_vs_real": frechet_distance(features, refs["real"]), **figures}
 
 
-def rescore(cell: dict, work: Path, pruned_dir: Path, evaluation: Evaluation, refs: dict) -> dict | None:
-    """A finished cell scored again by this evaluator from its kept final checkpoint; None without one."""
-    key = tuple(cell["cell"][k] for k in ("method", "objective", "setting", "seed"))
-    found = Checkpoints(train_folder(work, key) / "checkpoints").load()
-    if found is None or found[2]["step"] != cell["steps"]:
-        return None
+def current(record: dict, recipe, pruned_id: str) -> bool:
+    """Whether a training record was made from this pruned student with these fine-tuning settings."""
+    return record.get("pruned_student") == pruned_id and record.get("finetune") == recipe.finetune.model_dump(
+        mode="json")
+
+
+def train(cell: Cell, work: Path, cells_dir: Path, teacher, pruned_dir: Path, pruned_id: str,
+          steps: int | None = None):
+    """The cell's fine-tuned student pipeline and its training record, written to :func:`trained_path`. A
+    record of the same pruned student whose final checkpoint the scratch folder still holds is loaded, not
+    trained again."""
     student = load_pipeline(pruned_dir).to(DEVICE)
-    student.unet.load_state_dict({k.split(".", 1)[1]: v for k, v in found[1].items() if k.startswith("student.")})
-    torch.manual_seed(0)
-    return {**cell, **scored(evaluation(student), refs), "rescored_at": provenance()["commit"]}
-
-
-def run_cell(cell, work: Path, teacher, pruned_dir: Path, evaluation: Evaluation, refs: dict) -> dict:
+    folder, path = train_folder(work, cell), trained_path(cells_dir, cell)
+    recipe = cell_recipe(*cell, steps=steps)
+    if path.is_file() and current(json.loads(path.read_text()), recipe, pruned_id):
+        record = json.loads(path.read_text())
+        found = Checkpoints(folder / "checkpoints").load()
+        if found is not None and found[2]["step"] == record["steps"]:
+            student.unet.load_state_dict({k.split(".", 1)[1]: v for k, v in found[1].items()
+                                          if k.startswith("student.")})
+            return student, record
     method, objective, setting, seed = cell
-    recipe = cell_recipe(*cell)
-    student = load_pipeline(pruned_dir).to(DEVICE)
-    folder = train_folder(work, cell)
     t0 = time.perf_counter()
     trainer = Trainer(teacher, student.unet, recipe, folder,
                       kept_channels=read_structure(pruned_dir / "unet")["kept_channels"])
@@ -206,18 +282,19 @@ def run_cell(cell, work: Path, teacher, pruned_dir: Path, evaluation: Evaluation
         counter.attach(module)
     result = trainer.run(resume=False, checkpoint_every=10**6)
     seconds = time.perf_counter() - t0
-    student.unet = result.student
-    torch.manual_seed(0)
     tail = result.curves[-50:]
-    return {
+    record = {
         "cell": {"method": method, "objective": objective, "setting": setting, "seed": seed},
-        "commit": provenance()["commit"], "hardware": provenance()["hardware"],
+        "commit": provenance()["commit"], "hardware": provenance()["hardware"], "pruned_student": pruned_id,
         "finetune": recipe.finetune.model_dump(mode="json"),
         "train_seconds": round(seconds, 1), "gradient_samples": counter.samples, "steps": result.steps,
         "final_losses": {k: statistics.fmean(r[k] for r in tail if k in r)
                          for k in ("lower", "upper") if any(k in r for r in tail)},
-        **scored(evaluation(student), refs),
+        "held_out": trainer.held_out_losses(HELD_OUT_BATCHES),
     }
+    write_json(path, record)
+    student.unet = result.student
+    return student, record
 
 
 def file_digest(folder: Path) -> str:
@@ -256,39 +333,75 @@ def sweep(args) -> None:
     run = RunDir(work / "run")
     if not args.worker:
         run_stages(base, run, [TEACHER, PRUNE], resume=True)
+    pruned_dir = run.root / PRUNE.folder
+    pruned_id = file_digest(pruned_dir / "unet")
     teacher = load_pipeline(base.model.source).to(DEVICE)
+    left = args.limit if args.limit is not None else 10**9  # trainings and scored cells this process may run
+
+    def fresh_record(cell: Cell) -> bool:
+        path = trained_path(args.cells, cell)
+        return path.is_file() and current(json.loads(path.read_text()), cell_recipe(*cell, steps=args.steps), pruned_id)
+
+    workers = [] if args.worker else [
+        subprocess.Popen([sys.executable, __file__, "--worker", *sys.argv[1:]]) for _ in range(args.jobs - 1)]
+    probe = [KD, *(c for c in grid(args.only) if c != KD)]
+    while left > 0 and (pending := [c for c in probe if not fresh_record(c)]):  # the probe: no images
+        ran = False
+        for cell in pending:
+            if left <= 0 or fresh_record(cell) or not claim(trained_path(args.cells, cell)):
+                continue
+            t0 = time.perf_counter()
+            _, record = train(cell, work, args.cells, copy.deepcopy(teacher), pruned_dir, pruned_id, args.steps)
+            trained_path(args.cells, cell).with_suffix(".claim").unlink(missing_ok=True)
+            left, ran = left - 1, True
+            print(f"probe {'/'.join(map(str, cell))}: held-out {json.dumps(record['held_out'])} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if not ran:
+            time.sleep(10)  # other processes are training the rest
+    if left <= 0:
+        for worker in workers:
+            worker.wait()
+        return
+    chosen = chosen_settings(args.cells, args.only)
+    if not args.worker:
+        write_json(args.cells / "chosen.json", chosen)
+
     evaluator = load_evaluator(base.model.evaluator).to(DEVICE)
     evaluation = Evaluation(base, evaluator)
     refs_path = work / "references.safetensors"
     teacher_path = args.cells / "teacher.json"
 
-    def stale(path: Path) -> bool:  # its figures were read by another evaluator
-        return json.loads(path.read_text()).get("evaluator") != evaluation.evaluator_id
+    def stale(path: Path) -> bool:  # read by another evaluator, or trained from another student or settings
+        cell = json.loads(path.read_text())
+        key = tuple(cell["cell"][k] for k in ("method", "objective", "setting", "seed"))
+        return cell.get("evaluator") != evaluation.evaluator_id or not current(
+            cell, cell_recipe(*key, steps=args.steps), pruned_id)
 
-    if not args.worker and (not teacher_path.is_file() or stale(teacher_path) or not refs_path.is_file()):
+    if not args.worker and (not teacher_path.is_file() or json.loads(teacher_path.read_text()).get("evaluator")
+                            != evaluation.evaluator_id or not refs_path.is_file()):
         figures = evaluation(teacher)
         _, real = evaluator.classify(real_images(2000, seed=REAL_SEED, exclude=tuple(world.UNWANTED)))
         save_tensors(refs_path, {"teacher": figures.pop("features"), "real": real})
         write_json(teacher_path, figures)
-    workers = [] if args.worker else [
-        subprocess.Popen([sys.executable, __file__, "--worker", *sys.argv[1:]]) for _ in range(args.jobs - 1)]
+    while not refs_path.is_file():
+        time.sleep(10)  # the first process is writing the references
     refs = load_tensors(refs_path)
-    pruned_id = file_digest(run.root / PRUNE.folder / "unet")
-    todo = [c for c in cells(args.seeds, args.only)
-            if not cell_path(args.cells, c).is_file() or stale(cell_path(args.cells, c))]
-    for n, cell in enumerate(todo[: args.limit]):
+    scored_cells = [(m, o, s, seed) for seed in range(args.seeds) for m, objectives in chosen.items()
+                    for o, entry in objectives.items() for s in entry["chosen"]]  # seed-major: whole fronts first
+    todo = [c for c in scored_cells if not cell_path(args.cells, c).is_file() or stale(cell_path(args.cells, c))]
+    for n, cell in enumerate(todo):
         path = cell_path(args.cells, cell)
+        if left <= 0:
+            break
         if (path.is_file() and not stale(path)) or not claim(path):
             continue
         t0 = time.perf_counter()
-        result = None
-        if path.is_file():  # finished, read by another evaluator: scored again from its checkpoint
-            result = rescore(json.loads(path.read_text()), work, run.root / PRUNE.folder, evaluation, refs)
-        if result is None:
-            result = run_cell(cell, work, copy.deepcopy(teacher), run.root / PRUNE.folder, evaluation, refs)
-            result["pruned_student"] = pruned_id
+        student, record = train(cell, work, args.cells, copy.deepcopy(teacher), pruned_dir, pruned_id, args.steps)
+        torch.manual_seed(0)
+        result = {**record, **scored(evaluation(student), refs)}
         write_json(path, result)
         path.with_suffix(".claim").unlink(missing_ok=True)
+        left -= 1
         acc = statistics.fmean(result["wanted_hits"])
         rates = {k: round(statistics.fmean(v), 3) for k, v in result.items() if k.count(".") == 1 and "hits" not in k
                  and isinstance(v, list)}
@@ -431,6 +544,7 @@ def report(args) -> None:
                        methods["kd"]["concept_rate_direct"] > methods["ddpm"]["concept_rate_direct"]}
     shipped = yaml.safe_load(RECIPE.read_text())["finetune"]["solver"]
     default = methods.get("default")
+    chosen = args.cells / "chosen.json"
     write_json(args.out, {
         "what": __doc__.split("\n\n")[0].replace("\n", " "),
         "provenance": provenance(),
@@ -444,6 +558,7 @@ def report(args) -> None:
         "comparison": comparison,
         "default_solver": shipped,
         "premise": premise,
+        "probe": json.loads(chosen.read_text()) if chosen.is_file() else None,
         "teacher": {"commit": provenance()["commit"], "prompt_accuracy": statistics.fmean(teacher["wanted_hits"]),
                     "concept_rates": {k: statistics.fmean(v) for k, v in teacher.items() if k.count(".") == 1}},
         "default_recipe": None if default is None else {
@@ -490,8 +605,11 @@ def main() -> None:
     parser.add_argument("--cells", type=Path, default=RESULTS / "paper_claim_cells",
                         help="the finished cells (small JSON files, committed)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="lower-level steps instead of the recipe's (a quick check of the code path: use "
+                             "other --cells and --work)")
     parser.add_argument("--only", nargs="+", choices=list(METHODS))
-    parser.add_argument("--limit", type=int, default=None, help="stop after this many cells")
+    parser.add_argument("--limit", type=int, default=None, help="stop after this many trainings and scored cells")
     parser.add_argument("--report", action="store_true", help="write the results from the finished cells")
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--out", type=Path, default=RESULTS / "paper_claim.json")

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from edgesafe import load_pipeline
+from edgesafe.data import Batches
 from edgesafe.errors import CheckpointError, EdgesafeError
 from edgesafe.finetune.solvers import SOLVERS, Setup, StepLosses, UpperTerm
-from edgesafe.finetune.trainer import Trainer
+from edgesafe.finetune.trainer import HELD_OUT_SEED, Trainer
 from edgesafe.models.inputs import unet_example_inputs
 from edgesafe.models.loading import load_evaluator
 from edgesafe.prune import prune_width
@@ -173,6 +174,28 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(setup, tmp_path, solver
         assert torch.allclose(v, resumed.student.state_dict()[k], atol=1e-6), k
     assert [c["lower"] for c in resumed.curves] == pytest.approx([c["lower"] for c in whole.curves], abs=1e-6)
     assert resumed.curves[-1] == pytest.approx(whole.curves[-1], abs=1e-5)  # multipliers, lambda, gap too
+
+
+def test_held_out_losses_read_erasure_on_data_training_never_draws(setup, tmp_path):
+    import copy
+
+    teacher, _, overrides, _ = setup
+    recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides={
+        **overrides, "finetune.solver": "two-stage", "finetune.erase_steps": 20, "finetune.upper_lr": 1e-2})
+    trainer = Trainer(teacher, copy.deepcopy(teacher.unet), recipe, tmp_path)  # a student that is the teacher
+    assert not torch.equal(trainer.batches(0)[0], Batches(recipe, batch_size=4, resolution=trainer.batches.resolution,
+                                                          seed=HELD_OUT_SEED)(0)[0])
+    before = trainer.held_out_losses(batches=2)
+    assert before == trainer.held_out_losses(batches=2)  # the same figures whenever they are read
+    names = [c.name for c in recipe.concepts]
+    assert set(before) == {"denoise", "output_kd", *(f"concept_kd.{n}" for n in names),
+                           *(f"unlearn.{n}.{o}" for n in names for o in ("esd", "ablation"))}
+    assert before["output_kd"] == 0 and all(before[f"concept_kd.{n}"] == 0 < before[f"unlearn.{n}.esd"]
+                                            for n in names)
+    trainer.run(resume=False, checkpoint_every=100)
+    after = trainer.held_out_losses(batches=2)
+    for c in recipe.concepts:  # erased: nearer its objective's target than the teacher's prediction
+        assert after[f"unlearn.{c.name}.{c.objective}"] < after[f"concept_kd.{c.name}"], c.name
 
 
 def test_two_stage_erase_steps_skip_the_lower_levels_teacher(setup, tmp_path):

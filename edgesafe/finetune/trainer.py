@@ -32,10 +32,12 @@ from .memory import check_fits
 from .memory import estimate as estimate_memory
 from .optimizers import OPTIMIZERS
 from .solvers import SHARED_SETTINGS, SOLVERS, Setup, Solver, StepLosses, UpperTerm
-from .unlearn import parameter_subset, unlearning_loss, unlearning_target
+from .unlearn import OBJECTIVES, parameter_subset, unlearning_loss, unlearning_target
 from .upper import UPPER_LATENTS
 
 CONCEPT_BATCH = 8
+HELD_OUT_SEED = 2**31 - 1
+"""The data seed of :meth:`Trainer.held_out_losses` (training draws ``seed * 1000 + rank``)."""
 
 
 CONCEPT_FIELDS = ("name", "target", "objective", "prompts", "anchor", "eta", "params")
@@ -251,6 +253,44 @@ class Trainer:
             return UpperTerm(concept.name, loss, reference_loss)
 
         return StepLosses(lower=lower, upper=[term(i, c) for i, c in enumerate(self.recipe.concepts)])
+
+    @torch.no_grad()
+    def held_out_losses(self, batches: int = 8) -> dict[str, float]:
+        """The student's L_ft and L_unlearn on batches training never draws, comparable across solvers,
+        settings and seeds (one fixed data seed, no solver's weights): ``denoise`` and ``output_kd``, unweighted
+        MSE on held-out data; per concept, on the same noisy latents under the concept's prompts,
+        ``concept_kd.<concept>`` (MSE to the teacher's prediction) and ``unlearn.<concept>.<objective>`` for every
+        objective of ``OBJECTIVES`` (MSE to its target). Their ratio reads erasure apart from distillation: above 1
+        while the student predicts the concept as the teacher does, below 1 once it predicts the target instead.
+        Means over ``batches`` batches of the recipe's batch size."""
+        held = Batches(self.recipe, batch_size=self.recipe.finetune.batch_size, resolution=self.batches.resolution,
+                       seed=HELD_OUT_SEED)
+        sums: dict[str, float] = {}
+
+        def add(key: str, value: torch.Tensor) -> None:
+            sums[key] = sums.get(key, 0.0) + value.item() / batches
+
+        for k in range(batches):
+            images, captions = held(k)
+            with self.autocast():
+                inputs = self.task.inputs(images, captions, torch.Generator().manual_seed(HELD_OUT_SEED + k))
+                args = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
+                pred = self.student(*args).sample.float()
+                add("denoise", torch.nn.functional.mse_loss(pred, inputs["target"]))
+                add("output_kd", torch.nn.functional.mse_loss(pred, self.teacher(*args).sample.float()))
+                n = min(CONCEPT_BATCH, len(images))
+                x, t = inputs["sample"][:n], inputs["timestep"][:n]
+                for index, concept in enumerate(self.recipe.concepts):
+                    picks = np.random.default_rng([HELD_OUT_SEED, k, index]).integers(0, len(concept.prompts), n)
+                    prompts = [concept.prompts[i] for i in picks]
+                    states = self.task.encode_text(prompts)
+                    add(f"concept_kd.{concept.name}", torch.nn.functional.mse_loss(
+                        self.student(x, t, states).sample.float(), self.teacher(x, t, states).sample.float()))
+                    for objective, target in OBJECTIVES.items():
+                        goal = target(self.teacher, x, t, concept, prompts, self.task.encode_text)
+                        add(f"unlearn.{concept.name}.{objective}",
+                            unlearning_loss(self.student, goal, x, t, prompts, self.task.encode_text))
+        return sums
 
     def run(self, *, resume: bool, checkpoint_every: int,
             progress: Callable[[int, int], None] | None = None) -> TrainResult:
