@@ -182,7 +182,8 @@ def test_held_out_losses_read_erasure_on_data_training_never_draws(setup, tmp_pa
     teacher, _, overrides, _ = setup
     recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides={
         **overrides, "finetune.solver": "two-stage", "finetune.erase_steps": 20, "finetune.upper_lr": 1e-2})
-    trainer = Trainer(teacher, copy.deepcopy(teacher.unet), recipe, tmp_path)  # a student that is the teacher
+    student = copy.deepcopy(teacher.unet).requires_grad_(False)  # the teacher, frozen as the trainer left it
+    trainer = Trainer(teacher, student, recipe, tmp_path)
     assert not torch.equal(trainer.batches(0)[0], Batches(recipe, batch_size=4, resolution=trainer.batches.resolution,
                                                           seed=HELD_OUT_SEED)(0)[0])
     before = trainer.held_out_losses(batches=2)

@@ -114,7 +114,7 @@ class Trainer:
             frozen_module.requires_grad_(False).eval().to(device, dtype=self.amp_dtype or torch.float32)
         self.task = DenoisingTask(teacher)
         self.teacher = teacher.unet
-        self.student = student.to(device).train()
+        self.student = student.to(device).train().requires_grad_(True)  # a frozen UNet handed in trains too
         if ft.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         aligner = (FeatureAligner(student, self.teacher, ft.lower.feature_align, kept_channels).to(device)
