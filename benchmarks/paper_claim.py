@@ -10,7 +10,9 @@ once) at every point of each method's knob grid (seed 0, the recipe's lower-leve
 only (``Trainer.held_out_losses``: the distillation loss, and each concept's unlearning loss against its
 concept prompts' distillation loss, on data training never draws); from them it chooses, per method and
 objective, the settings on that method's held-out trade-off that kd does not beat (``choose``), and only those are
-scored with images, on every training seed (seed 0 reuses the probe's checkpoint). A scored cell is evaluated
+scored with images, on every training seed (seed 0 reuses the probe's checkpoint). A two-stage cell's distillation
+phase is its seed's kd run step for step, so it continues from that run's final checkpoint and runs only its erase
+steps; its record counts both runs' wall time and gradient evaluations. A scored cell is evaluated
 on 8 noise seeds over the bench's full wanted-prompt distribution (96 prompts covering every template and
 synonym) and over 16 direct and 16 paraphrase prompts per concept from the world's prompt generator (more and
 more varied than the recipe's own).
@@ -258,11 +260,39 @@ def current(record: dict, recipe, pruned_id: str) -> bool:
         mode="json")
 
 
+def continue_after_distillation(trainer: Trainer, kd_folder: Path) -> dict:
+    """Put a ``two-stage`` trainer at the end of its distillation phase: the final checkpoint of the kd run with
+    the same seed and lower-level settings (what that phase computes, step for step) written as the trainer's
+    own, so that ``trainer.run(resume=True)`` runs only the erase steps and ends where the whole run would."""
+    _, tensors, state, header = Checkpoints(kd_folder / "checkpoints").load()
+    modules = {"student": trainer.student, **({"aligner": trainer.aligner} if trainer.aligner is not None else {})}
+    Checkpoints.restore(tensors, state, modules, {"lower_opt": trainer.solver.lower_opt})
+    if trainer.solver.distilled is not None:
+        trainer.solver.distilled.load_state_dict(trainer.student.state_dict())
+    torch.set_rng_state(tensors["rng.torch"])
+    trainer.save_checkpoint(int(state["step"]), json.loads(header["curves"]))
+
+
+def distillation_cell(cell: Cell, steps: int | None = None) -> Cell | None:
+    """The kd cell whose run is a two-stage cell's distillation phase (None for other methods): the same seed
+    and every fine-tuning setting the same but the erase phase's."""
+    if cell[0] not in TWO_STAGE:
+        return None
+    kd = ("kd", "none", "-", cell[3])
+    erase_only = ("solver", "erase_steps", "upper_lr", "erase_against", "upper_latents")
+    ours, theirs = ({k: v for k, v in cell_recipe(*c, steps=steps).finetune.model_dump().items()
+                     if k not in erase_only} for c in (cell, kd))
+    if ours != theirs:
+        raise ValueError(f"{'/'.join(map(str, cell))}: its distillation settings are not kd's")
+    return kd
+
+
 def train(cell: Cell, work: Path, cells_dir: Path, teacher, pruned_dir: Path, pruned_id: str,
           steps: int | None = None):
     """The cell's fine-tuned student pipeline and its training record, written to :func:`trained_path`. A
     record of the same pruned student whose final checkpoint the scratch folder still holds is loaded, not
-    trained again."""
+    trained again. A two-stage cell continues from its kd cell's final checkpoint (trained first where
+    missing) and records the two runs' wall time and gradient evaluations together."""
     student = load_pipeline(pruned_dir).to(DEVICE)
     folder, path = train_folder(work, cell), trained_path(cells_dir, cell)
     recipe = cell_recipe(*cell, steps=steps)
@@ -273,6 +303,9 @@ def train(cell: Cell, work: Path, cells_dir: Path, teacher, pruned_dir: Path, pr
             student.unet.load_state_dict({k.split(".", 1)[1]: v for k, v in found[1].items()
                                           if k.startswith("student.")})
             return student, record
+    kd = None
+    if (kd_cell := distillation_cell(cell, steps)) is not None:
+        _, kd = train(kd_cell, work, cells_dir, copy.deepcopy(teacher), pruned_dir, pruned_id, steps)
     method, objective, setting, seed = cell
     t0 = time.perf_counter()
     trainer = Trainer(teacher, student.unet, recipe, folder,
@@ -280,14 +313,19 @@ def train(cell: Cell, work: Path, cells_dir: Path, teacher, pruned_dir: Path, pr
     counter = GradientCounter()
     for module in (trainer.student, *trainer.solver.modules().values()):
         counter.attach(module)
-    result = trainer.run(resume=False, checkpoint_every=10**6)
+    if kd is not None:
+        continue_after_distillation(trainer, train_folder(work, kd_cell))
+    result = trainer.run(resume=kd is not None, checkpoint_every=10**6)
     seconds = time.perf_counter() - t0
     tail = result.curves[-50:]
     record = {
         "cell": {"method": method, "objective": objective, "setting": setting, "seed": seed},
         "commit": provenance()["commit"], "hardware": provenance()["hardware"], "pruned_student": pruned_id,
         "finetune": recipe.finetune.model_dump(mode="json"),
-        "train_seconds": round(seconds, 1), "gradient_samples": counter.samples, "steps": result.steps,
+        "train_seconds": round(seconds + (kd["train_seconds"] if kd else 0), 1),
+        "gradient_samples": counter.samples + (kd["gradient_samples"] if kd else 0), "steps": result.steps,
+        **({"continued_from": {"cell": "/".join(map(str, kd_cell)), "own_seconds": round(seconds, 1),
+                               "own_gradient_samples": counter.samples}} if kd else {}),
         "final_losses": {k: statistics.fmean(r[k] for r in tail if k in r)
                          for k in ("lower", "upper") if any(k in r for r in tail)},
         "held_out": trainer.held_out_losses(HELD_OUT_BATCHES),

@@ -29,3 +29,48 @@ def test_the_probe_passes_on_the_spread_of_the_front_that_kd_does_not_beat(paper
     assert paper_claim.choose(points, kd) == ["c", "b", "e"]  # the strongest, the weakest and one between
     assert paper_claim.choose(points, kd, k=5) == ["c", "a", "b", "e"]
     assert paper_claim.choose({"x": (2.0, 0.3), "y": (1.6, 0.2), "z": (1.7, 0.2)}, kd, k=2) == ["y", "z"]
+
+
+def test_a_two_stage_cell_continues_from_its_kd_cell(paper_claim):
+    assert paper_claim.distillation_cell(("two-stage-esd", "esd", "erase30-lr0.001", 2)) == ("kd", "none", "-", 2)
+    assert paper_claim.distillation_cell(("bilevel-alternating", "esd", "every5", 0)) is None
+
+
+ESD_OWN = {"finetune.erase_against": "distilled", "finetune.upper_latents": "model-samples"}
+
+
+@pytest.mark.parametrize("erase", [{}, ESD_OWN])
+def test_continuing_after_kds_checkpoint_ends_where_the_whole_two_stage_run_does(paper_claim, short_pipeline_dir,
+                                                                                tmp_path, erase):
+    import copy
+
+    import torch
+
+    from edgesafe import load_pipeline
+    from edgesafe.finetune.trainer import Trainer
+    from edgesafe.models.inputs import unet_example_inputs
+    from edgesafe.prune import prune_width
+    from edgesafe.recipe import load_recipe
+
+    teacher = load_pipeline(short_pipeline_dir)
+    pruned = prune_width(teacher.unet, 0.25, unet_example_inputs(teacher.unet, batch=1,
+                                                                 text_length=teacher.tokenizer.model_max_length))
+
+    def trainer(folder, solver):
+        recipe = load_recipe(ROOT / "recipes" / "tiny-shapes.yaml", overrides={
+            "finetune.solver": solver, "finetune.steps": 3, "finetune.batch_size": 4, "finetune.erase_steps": 2,
+            "finetune.upper_lr": 1e-2, **erase})
+        return Trainer(teacher, copy.deepcopy(pruned.unet), recipe, tmp_path / folder,
+                       kept_channels=pruned.kept_channels)
+
+    trainer("kd", "kd").run(resume=False, checkpoint_every=100)
+    whole = trainer("whole", "two-stage").run(resume=False, checkpoint_every=100)
+    continued = trainer("continued", "two-stage")
+    paper_claim.continue_after_distillation(continued, tmp_path / "kd")
+    result = continued.run(resume=True, checkpoint_every=100)
+    assert result.resumed_from == 3 and result.steps == 5
+    erased = result.student.state_dict()
+    for name, value in whole.student.state_dict().items():
+        assert torch.equal(erased[name], value), name
+    assert any(not torch.equal(erased[n], v) for n, v in pruned.unet.state_dict().items())
+    assert result.curves == whole.curves
