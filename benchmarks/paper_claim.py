@@ -260,7 +260,7 @@ def current(record: dict, recipe, pruned_id: str) -> bool:
         mode="json")
 
 
-def continue_after_distillation(trainer: Trainer, kd_folder: Path) -> dict:
+def continue_after_distillation(trainer: Trainer, kd_folder: Path) -> None:
     """Put a ``two-stage`` trainer at the end of its distillation phase: the final checkpoint of the kd run with
     the same seed and lower-level settings (what that phase computes, step for step) written as the trainer's
     own, so that ``trainer.run(resume=True)`` runs only the erase steps and ends where the whole run would."""
