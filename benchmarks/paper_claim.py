@@ -287,25 +287,36 @@ def distillation_cell(cell: Cell, steps: int | None = None) -> Cell | None:
     return kd
 
 
+def finished(cell: Cell, work: Path, cells_dir: Path, pruned_id: str, steps: int | None = None) -> dict | None:
+    """The cell's training record where it was made from this pruned student with the cell's settings and the
+    scratch folder still holds its final checkpoint; None otherwise."""
+    path = trained_path(cells_dir, cell)
+    pointer = train_folder(work, cell) / "checkpoints" / "latest.json"
+    if not (path.is_file() and pointer.is_file()):
+        return None
+    record = json.loads(path.read_text())
+    ok = current(record, cell_recipe(*cell, steps=steps), pruned_id) and \
+        json.loads(pointer.read_text())["step"] == record["steps"]
+    return record if ok else None
+
+
 def train(cell: Cell, work: Path, cells_dir: Path, teacher, pruned_dir: Path, pruned_id: str,
           steps: int | None = None):
     """The cell's fine-tuned student pipeline and its training record, written to :func:`trained_path`. A
-    record of the same pruned student whose final checkpoint the scratch folder still holds is loaded, not
-    trained again. A two-stage cell continues from its kd cell's final checkpoint (trained first where
-    missing) and records the two runs' wall time and gradient evaluations together."""
+    :func:`finished` cell is loaded, not trained again. A two-stage cell continues from its kd cell's final
+    checkpoint (trained first where missing) and records the two runs' wall time and gradient evaluations
+    together."""
     student = load_pipeline(pruned_dir).to(DEVICE)
     folder, path = train_folder(work, cell), trained_path(cells_dir, cell)
     recipe = cell_recipe(*cell, steps=steps)
-    if path.is_file() and current(json.loads(path.read_text()), recipe, pruned_id):
-        record = json.loads(path.read_text())
-        found = Checkpoints(folder / "checkpoints").load()
-        if found is not None and found[2]["step"] == record["steps"]:
-            student.unet.load_state_dict({k.split(".", 1)[1]: v for k, v in found[1].items()
-                                          if k.startswith("student.")})
-            return student, record
+    if (record := finished(cell, work, cells_dir, pruned_id, steps)) is not None:
+        tensors = Checkpoints(folder / "checkpoints").load()[1]
+        student.unet.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("student.")})
+        return student, record
     kd = None
     if (kd_cell := distillation_cell(cell, steps)) is not None:
-        _, kd = train(kd_cell, work, cells_dir, copy.deepcopy(teacher), pruned_dir, pruned_id, steps)
+        kd = finished(kd_cell, work, cells_dir, pruned_id, steps) or \
+            train(kd_cell, work, cells_dir, copy.deepcopy(teacher), pruned_dir, pruned_id, steps)[1]
     method, objective, setting, seed = cell
     t0 = time.perf_counter()
     trainer = Trainer(teacher, student.unet, recipe, folder,
