@@ -36,7 +36,6 @@ def test_a_two_stage_cell_continues_from_its_kd_cell(paper_claim):
     assert paper_claim.distillation_cell(("bilevel-alternating", "esd", "every5", 0)) is None
 
 
-
 def test_a_cell_is_finished_only_with_a_current_record_and_its_final_checkpoint(paper_claim, tmp_path):
     from edgesafe.io import write_json
 
@@ -53,6 +52,7 @@ def test_a_cell_is_finished_only_with_a_current_record_and_its_final_checkpoint(
     assert paper_claim.finished(kd, work, cells, "abc", steps=50) is None  # other settings
     write_json(pointer, {"file": "step-0000300.safetensors", "step": 300})
     assert paper_claim.finished(kd, work, cells, "abc") is None  # stopped before its last step
+
 
 ESD_OWN = {"finetune.erase_against": "distilled", "finetune.upper_latents": "model-samples"}
 
