@@ -309,7 +309,9 @@ def train(cell: Cell, work: Path, cells_dir: Path, teacher, pruned_dir: Path, pr
     student = load_pipeline(pruned_dir).to(DEVICE)
     folder, path = train_folder(work, cell), trained_path(cells_dir, cell)
     recipe = cell_recipe(*cell, steps=steps)
-    if (record := finished(cell, work, cells_dir, pruned_id, steps)) is not None:
+    while (record := finished(cell, work, cells_dir, pruned_id, steps)) is None and not claim(path):
+        time.sleep(10)  # another process is training this cell (a kd cell that two-stage cells continue from)
+    if record is not None:
         tensors = Checkpoints(folder / "checkpoints").load()[1]
         student.unet.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("student.")})
         return student, record
@@ -342,6 +344,7 @@ def train(cell: Cell, work: Path, cells_dir: Path, teacher, pruned_dir: Path, pr
         "held_out": trainer.held_out_losses(HELD_OUT_BATCHES),
     }
     write_json(path, record)
+    path.with_suffix(".claim").unlink(missing_ok=True)
     student.unet = result.student
     return student, record
 
@@ -355,7 +358,8 @@ def file_digest(folder: Path) -> str:
 
 
 def claim(path: Path) -> bool:
-    """Whether this process may run the cell whose result goes to ``path``: no other live process claimed it."""
+    """Whether this process may run the cell whose result goes to ``path``: no other live process claimed it
+    (claiming a cell this process holds already succeeds)."""
     lock = path.with_suffix(".claim")
     lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
@@ -363,7 +367,9 @@ def claim(path: Path) -> bool:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                os.kill(int(lock.read_text() or 0), 0)
+                if (owner := int(lock.read_text() or 0)) == os.getpid():
+                    return True
+                os.kill(owner, 0)
                 return False  # its owner is alive
             except (ProcessLookupError, ValueError):
                 lock.unlink(missing_ok=True)  # a claim left by a process that died
@@ -401,7 +407,6 @@ def sweep(args) -> None:
                 continue
             t0 = time.perf_counter()
             _, record = train(cell, work, args.cells, copy.deepcopy(teacher), pruned_dir, pruned_id, args.steps)
-            trained_path(args.cells, cell).with_suffix(".claim").unlink(missing_ok=True)
             left, ran = left - 1, True
             print(f"probe {'/'.join(map(str, cell))}: held-out {json.dumps(record['held_out'])} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)

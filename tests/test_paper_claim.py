@@ -54,6 +54,25 @@ def test_a_cell_is_finished_only_with_a_current_record_and_its_final_checkpoint(
     assert paper_claim.finished(kd, work, cells, "abc") is None  # stopped before its last step
 
 
+def test_a_cell_is_claimed_by_one_live_process_at_a_time(paper_claim, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "cell.json"
+    assert paper_claim.claim(path)
+    assert paper_claim.claim(path)  # this process holds it: train() claims what the probe loop claimed
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path.with_suffix(".claim").write_text(str(other.pid))
+        assert not paper_claim.claim(path)  # a live process holds it
+    finally:
+        other.kill()
+        other.wait()
+    assert paper_claim.claim(path)  # its holder died: the claim is taken over
+    assert path.with_suffix(".claim").read_text() == str(os.getpid())
+
+
 ESD_OWN = {"finetune.erase_against": "distilled", "finetune.upper_latents": "model-samples"}
 
 
