@@ -436,7 +436,7 @@ def sweep(args) -> None:
         figures = evaluation(teacher)
         _, real = evaluator.classify(real_images(2000, seed=REAL_SEED, exclude=tuple(world.UNWANTED)))
         save_tensors(refs_path, {"teacher": figures.pop("features"), "real": real})
-        write_json(teacher_path, figures)
+        write_json(teacher_path, {**figures, "provenance": provenance()})
     while not refs_path.is_file():
         time.sleep(10)  # the first process is writing the references
     refs = load_tensors(refs_path)
@@ -613,7 +613,7 @@ def report(args) -> None:
         "default_solver": shipped,
         "premise": premise,
         "probe": json.loads(chosen.read_text()) if chosen.is_file() else None,
-        "teacher": {"commit": provenance()["commit"], "prompt_accuracy": statistics.fmean(teacher["wanted_hits"]),
+        "teacher": {"commit": teacher["provenance"]["commit"], "prompt_accuracy": statistics.fmean(teacher["wanted_hits"]),
                     "concept_rates": {k: statistics.fmean(v) for k, v in teacher.items() if k.count(".") == 1}},
         "default_recipe": None if default is None else {
             "prompt_accuracy": default["prompt_accuracy"], "kd_prompt_accuracy": value["kd_prompt_accuracy"],
