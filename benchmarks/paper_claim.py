@@ -613,7 +613,8 @@ def report(args) -> None:
         "default_solver": shipped,
         "premise": premise,
         "probe": json.loads(chosen.read_text()) if chosen.is_file() else None,
-        "teacher": {"commit": teacher["provenance"]["commit"], "prompt_accuracy": statistics.fmean(teacher["wanted_hits"]),
+        "teacher": {"commit": teacher["provenance"]["commit"],
+                    "prompt_accuracy": statistics.fmean(teacher["wanted_hits"]),
                     "concept_rates": {k: statistics.fmean(v) for k, v in teacher.items() if k.count(".") == 1}},
         "default_recipe": None if default is None else {
             "prompt_accuracy": default["prompt_accuracy"], "kd_prompt_accuracy": value["kd_prompt_accuracy"],
