@@ -333,7 +333,7 @@ def train(cell: Cell, work: Path, cells_dir: Path, teacher, pruned_dir: Path, pr
     tail = result.curves[-50:]
     record = {
         "cell": {"method": method, "objective": objective, "setting": setting, "seed": seed},
-        "commit": provenance()["commit"], "hardware": provenance()["hardware"], "pruned_student": pruned_id,
+        **{k: provenance()[k] for k in ("commit", "versions", "hardware")}, "pruned_student": pruned_id,
         "finetune": recipe.finetune.model_dump(mode="json"),
         "train_seconds": round(seconds + (kd["train_seconds"] if kd else 0), 1),
         "gradient_samples": counter.samples + (kd["gradient_samples"] if kd else 0), "steps": result.steps,
