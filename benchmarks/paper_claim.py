@@ -98,8 +98,8 @@ METHODS: dict[str, tuple[dict, tuple[str, ...], dict[str, dict]]] = {
                  **AUTHORS_LOWER}, ("esd",), {f"every{n}": {"finetune.upper_every": n} for n in (2, 5, 10, 20, 40)}),
     "bilevel-penalty": ({"finetune.solver": "bilevel-penalty"}, BOTH, {
         f"lambda{lam}": {"finetune.penalty_lambda": lam} for lam in (0.1, 0.3, 1.0, 3.0, 10.0)}),
-    "constrained": ({"finetune.solver": "constrained"}, BOTH, {  # a multiple of the teacher's own unlearning loss
-        f"target{t}": {"finetune.unlearn_target": t} for t in (0.05, 0.1, 0.2, 0.4, 0.8)}),
+    "constrained": ({"finetune.solver": "constrained"}, BOTH, {  # the held-out erasure ratio's range of the probe
+        f"ratio{r}": {"finetune.erase_ratio": r} for r in (0.6, 0.7, 0.8, 1.0, 1.5)}),
     "default": ({}, ("recipe",), {"-": {}}),
 }
 BILEVEL = ("bilevel-alternating", "authors", "bilevel-penalty", "constrained")

@@ -195,14 +195,29 @@ def _finetune(ctx: StageContext) -> dict[str, Any]:
             "memory_estimate_gib": trainer.memory_estimate.figures(), "peak_memory_gib": peak_gib(trainer.device)}
 
 
+UNMET = 0.1
+"""A constrained run's smoothed log-violation over its last steps above which its summary says the ratio was
+not met (10% over the bound)."""
+
+
+def _finetune_summary(f: dict[str, Any]) -> str:
+    losses = f["final_losses"]
+    line = f"{f['steps']} steps of {f['solver']} on {f['device']}; final losses: " + (", ".join(
+        f"{k} {v:.4g}" for k, v in losses.items() if k in ("lower", "upper")) or "-")
+    unmet = [k.removeprefix("violation.") for k, v in losses.items() if k.startswith("violation.") and v > UNMET]
+    if unmet:
+        line += (f"; erase_ratio not met for {', '.join(unmet)}: this student cannot erase that far"
+                 " (raise finetune.erase_ratio)")
+    return line
+
+
 FINETUNE = Stage(
     name="finetune",
     folder="2-finetune",
     description="fine-tune the pruned UNet: distillation (lower level) + concept unlearning (upper level)",
     reads=finetune_reads,
     run=_finetune,
-    summary=lambda f: f"{f['steps']} steps of {f['solver']} on {f['device']}; final losses: " + (", ".join(
-        f"{k} {v:.4g}" for k, v in f["final_losses"].items() if k in ("lower", "upper")) or "-"),
+    summary=_finetune_summary,
 )
 
 def _export(ctx: StageContext) -> dict[str, Any]:

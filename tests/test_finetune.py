@@ -31,12 +31,13 @@ class Toy(nn.Module):
 
 
 def run_toy(solver, lower, upper, subsets, *, start=None, steps=300, **settings):
-    """Run ``solver`` with SGD (lr 0.1) on a toy model; ``upper`` maps a concept to (its loss, the teacher's
-    loss on the batch)."""
+    """Run ``solver`` with SGD (lr 0.1) on a toy model; ``upper`` maps a concept to (its prediction of a model,
+    the objective's target, the teacher's prediction), so that L_un = MSE(prediction, target)."""
     model = Toy(**(start or {"a": 0.0, "b": 0.0}))
     ft = FinetuneSpec(solver=solver, steps=steps, **{"lr": 0.1, "upper_lr": 0.1, **settings})
     built = SOLVERS[solver](Setup(model, ft, subsets, build=lambda params, lr: torch.optim.SGD(params, lr=lr)))
-    terms = [UpperTerm(c, loss, lambda ref=ref: torch.tensor(ref)) for c, (loss, ref) in upper.items()]
+    terms = [UpperTerm(c, predict, lambda t=target: torch.tensor(t), lambda r=ref: torch.tensor(r))
+             for c, (predict, target, ref) in upper.items()]
     figures = [built.step(i, StepLosses(lower, terms)) for i in range(built.total_steps())]
     return model, built, figures
 
@@ -45,17 +46,17 @@ def fit(m):  # L_ft = (a-1)^2 + (b-1)^2
     return (m.a - 1) ** 2 + (m.b - 1) ** 2
 
 
-def forget_b(m):  # L_un = (b+1)^2
-    return (m.b + 1) ** 2
+FORGET_B = (lambda m: m.b, -1.0, 1.0)  # L_un = (b+1)^2; the teacher predicts b = 1
+FORGET_C = (lambda m: m.c, -1.0, 1.0)
 
 
 def test_kd_ignores_the_concept():
-    model, _, _ = run_toy("kd", fit, {"c": (forget_b, 4.0)}, {"c": ["b"]})
+    model, _, _ = run_toy("kd", fit, {"c": FORGET_B}, {"c": ["b"]})
     assert model.a.item() == pytest.approx(1, abs=1e-4) and model.b.item() == pytest.approx(1, abs=1e-4)
 
 
 def test_two_stage_erases_after_distilling():
-    model, solver, figures = run_toy("two-stage", fit, {"c": (forget_b, 4.0)}, {"c": ["b"]}, erase_steps=200)
+    model, solver, figures = run_toy("two-stage", fit, {"c": FORGET_B}, {"c": ["b"]}, erase_steps=200)
     assert solver.total_steps() == 500 and "upper" in figures[-1] and "lower" in figures[0]
     assert model.a.item() == pytest.approx(1, abs=1e-4)  # untouched by the erase stage
     assert model.b.item() == pytest.approx(-1, abs=1e-4)  # forgets L_ft entirely on b
@@ -63,17 +64,17 @@ def test_two_stage_erases_after_distilling():
 
 def test_each_concepts_gradient_reaches_only_its_own_subset():
     # concept x's loss also pulls c toward 5, but x may move only b; concept y moves c toward -1.
-    # Merging the subsets would let x pull c to (50 - 1) / 11.
-    upper = {"x": (lambda m: (m.b + 1) ** 2 + 10 * (m.c - 5) ** 2, 1.0), "y": (lambda m: (m.c + 1) ** 2, 1.0)}
+    # Merging the subsets would leave c between 5 and -1.
+    upper = {"x": (lambda m: torch.stack([m.b, m.c]), [-1.0, 5.0], [1.0, 1.0]), "y": FORGET_C}
     model, _, figures = run_toy("two-stage", fit, upper, {"x": ["b"], "y": ["c"]}, start={"a": 0, "b": 0, "c": 0},
-                                steps=1, erase_steps=300, upper_lr=0.02)
+                                steps=1, erase_steps=600, upper_lr=0.02)
     assert model.b.item() == pytest.approx(-1, abs=1e-3) and model.c.item() == pytest.approx(-1, abs=1e-3)
     assert {"upper.x", "upper.y"} <= set(figures[-1])
 
 
 def test_every_upper_step_erases_every_concept():
     # with two concepts and an even upper_every, cycling concepts by step number erased only one of them
-    upper = {"x": (forget_b, 4.0), "y": (lambda m: (m.c + 1) ** 2, 1.0)}
+    upper = {"x": FORGET_B, "y": FORGET_C}
     model, _, figures = run_toy("bilevel-alternating", lambda m: (m.a - 1) ** 2, upper, {"x": ["b"], "y": ["c"]},
                                 start={"a": 0, "b": 0, "c": 0}, upper_every=2, steps=400)
     assert model.b.item() == pytest.approx(-1, abs=1e-3) and model.c.item() == pytest.approx(-1, abs=1e-3)
@@ -82,7 +83,7 @@ def test_every_upper_step_erases_every_concept():
 
 def test_bilevel_alternating_fixed_point():
     # lower then upper SGD steps on b with lr 0.1: b = 0.64 b - 0.04  =>  b = -1/9
-    model, _, _ = run_toy("bilevel-alternating", fit, {"c": (forget_b, 4.0)}, {"c": ["b"]}, upper_every=1)
+    model, _, _ = run_toy("bilevel-alternating", fit, {"c": FORGET_B}, {"c": ["b"]}, upper_every=1)
     assert model.b.item() == pytest.approx(-1 / 9, abs=1e-4) and model.a.item() == pytest.approx(1, abs=1e-4)
 
 
@@ -95,7 +96,7 @@ def test_bilevel_penalty_solves_the_bilevel_problem_not_a_weighted_sum():
         return (m.y - m.x) ** 2 + (m.x - 1) ** 2
 
     for lam in (0.5, 3.0):
-        model, solver, figures = run_toy("bilevel-penalty", lower, {"c": (lambda m: (m.y + 1) ** 2, 1.0)},
+        model, solver, figures = run_toy("bilevel-penalty", lower, {"c": (lambda m: m.y, -1.0, 1.0)},
                                          {"c": ["x"]}, start={"x": 0, "y": 0}, steps=3000, penalty_lambda=lam,
                                          penalty_growth=1.0, inner_steps=3, lr=0.02, upper_lr=0.02)
         assert model.x.item() == pytest.approx(-1, abs=2e-2) and model.y.item() == pytest.approx(-1, abs=2e-2)
@@ -104,25 +105,43 @@ def test_bilevel_penalty_solves_the_bilevel_problem_not_a_weighted_sum():
 
 
 def test_bilevel_penalty_lambda_grows_linearly():
-    _, solver, figures = run_toy("bilevel-penalty", fit, {"c": (forget_b, 4.0)}, {"c": ["b"]}, steps=5,
+    _, solver, figures = run_toy("bilevel-penalty", fit, {"c": FORGET_B}, {"c": ["b"]}, steps=5,
                                  penalty_lambda=2.0, penalty_growth=5.0)
     assert [f["lambda"] for f in figures] == pytest.approx([2.0, 4.0, 6.0, 8.0, 10.0])
 
 
 def test_bilevel_penalty_needs_a_lower_level():
     with pytest.raises(EdgesafeError, match="needs parameters outside the concepts' subsets"):
-        run_toy("bilevel-penalty", fit, {"c": (forget_b, 4.0)}, {"c": ["a", "b"]}, steps=1)
+        run_toy("bilevel-penalty", fit, {"c": FORGET_B}, {"c": ["a", "b"]}, steps=1)
 
 
-def test_constrained_meets_its_target_at_the_constrained_optimum():
-    # min (b-1)^2 s.t. (b+1)^2 <= target * 4 with target 1/4: b <= 0, so b* = 0 (the constraint binds)
-    model, solver, figures = run_toy("constrained", lambda m: (m.b - 1) ** 2, {"c": (forget_b, 4.0)}, {"c": ["b"]},
-                                     start={"b": 1.0}, steps=3000, unlearn_target=0.25, dual_lr=0.05, lr=0.02)
-    assert model.b.item() == pytest.approx(0, abs=2e-2)
+def test_constrained_meets_its_ratio_at_the_constrained_optimum():
+    # min (b-1)^2 s.t. (b+1)^2 <= ratio (b-1)^2 (the distance to the target under ratio times the distance to the
+    # teacher's prediction 1): ratio 1/4 gives b <= -1/3, so b* = -1/3 (the constraint binds)
+    model, solver, figures = run_toy("constrained", lambda m: (m.b - 1) ** 2, {"c": FORGET_B}, {"c": ["b"]},
+                                     start={"b": 1.0}, steps=3000, erase_ratio=0.25, dual_lr=0.02, lr=0.02)
+    assert model.b.item() == pytest.approx(-1 / 3, abs=2e-2)
     assert solver.multipliers["c"] > 0 and abs(figures[-1]["violation.c"]) < 0.05
-    loose = run_toy("constrained", lambda m: (m.b - 1) ** 2, {"c": (forget_b, 4.0)}, {"c": ["b"]},
-                    start={"b": 1.0}, steps=500, unlearn_target=1.0, lr=0.02)
-    assert loose[0].b.item() == pytest.approx(1, abs=1e-3) and loose[1].multipliers["c"] == 0  # already satisfied
+    # where L_ft's optimum b = -1/2 already meets ratio 1 (b <= 0), the multiplier stays 0 and b stays there
+    loose = run_toy("constrained", lambda m: (m.b + 0.5) ** 2, {"c": FORGET_B}, {"c": ["b"]},
+                    start={"b": -0.5}, steps=500, erase_ratio=1.0, lr=0.02)
+    assert loose[0].b.item() == pytest.approx(-0.5, abs=1e-4) and loose[1].multipliers["c"] == 0
+
+
+def test_constrained_ratio_is_met_where_the_teachers_own_loss_is_out_of_reach():
+    # As under ablation: the teacher's prediction for the concept, (0, 1.2), lies near the target (-1, 1.2) (its
+    # L_un is 0.5), and the student, predicting (b, 0), cannot move its second output (its L_un never falls under
+    # 0.72). A bound of 0.8 x the teacher's L_un (0.4) is out of reach and its multiplier grows without end;
+    # 0.8 x the student's own distance from the teacher's prediction binds at the larger root of
+    # (1 - r) b^2 + 2 b + 1 + e (1 - r) = 0, e = 1.44, distilling toward b = 0 meanwhile.
+    r, e = 0.8, 1.44
+    student = (lambda m: torch.stack([m.b, torch.zeros(())]), [-1.0, 1.2], [0.0, 1.2])
+    model, solver, figures = run_toy("constrained", lambda m: m.b**2, {"c": student}, {"c": ["b"]},
+                                     start={"b": 0.0}, steps=3000, erase_ratio=r, dual_lr=0.02, lr=0.02)
+    a = 1 - r
+    assert model.b.item() == pytest.approx((-1 + math.sqrt(1 - a * (1 + e * a))) / a, abs=2e-2)
+    assert abs(figures[-1]["violation.c"]) < 0.05
+    assert max(f["multiplier.c"] for f in figures) < 10
 
 
 # --- the real loop ---------------------------------------------------------------------------
@@ -153,6 +172,20 @@ def test_every_solver_trains_the_real_student(setup, tmp_path, solver):
     changed = [k for k, v in result.student.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(torch.isfinite(v).all() for v in result.student.state_dict().values())
     assert "denoise" in result.curves[0] and "feature_kd" in result.curves[0]
+
+
+def test_a_ratio_the_real_student_cannot_meet_is_said_in_the_stage_summary(setup, tmp_path):
+    from edgesafe.pipeline import _finetune_summary
+
+    result = make_trainer(setup, tmp_path, "constrained", **{"finetune.erase_ratio": 1e-3}).run(
+        resume=False, checkpoint_every=100)
+    last = result.curves[-1]
+    assert all(last[f"violation.{c}"] > 1 for c in ("checkerboard", "star"))
+    line = _finetune_summary({"steps": 4, "solver": "constrained", "device": "cpu", "final_losses": last})
+    assert "erase_ratio not met for checkerboard, star" in line
+    met = {**last, "violation.checkerboard": 0.02, "violation.star": -0.3}
+    assert "not met" not in _finetune_summary({"steps": 4, "solver": "constrained", "device": "cpu",
+                                               "final_losses": met})
 
 
 @pytest.mark.parametrize(("solver", "schedule"), [("bilevel-penalty", "constant"), ("constrained", "cosine")])
@@ -418,9 +451,9 @@ def test_learning_rate_warms_up_then_follows_a_cosine_and_resumes_on_schedule():
 
     assert [lr_factor(i, 10, "cosine", 2) for i in (0, 1, 2, 6)] == pytest.approx([0.5, 1.0, 1.0, 0.5])
     assert lr_factor(9, 10, "constant", 0) == 1.0
-    _, solver, _ = run_toy("kd", fit, {"c": (forget_b, 4.0)}, {"c": ["b"]}, steps=5, lr_schedule="cosine")
+    _, solver, _ = run_toy("kd", fit, {"c": FORGET_B}, {"c": ["b"]}, steps=5, lr_schedule="cosine")
     assert solver.lower_opt.param_groups[0]["lr"] == pytest.approx(0.1 * lr_factor(4, 5, "cosine", 0))
     # two-stage: the schedule spans its distillation steps; its erase steps run at upper_lr
-    _, two, _ = run_toy("two-stage", fit, {"c": (forget_b, 4.0)}, {"c": ["b"]}, steps=4, erase_steps=2,
+    _, two, _ = run_toy("two-stage", fit, {"c": FORGET_B}, {"c": ["b"]}, steps=4, erase_steps=2,
                         lr_schedule="cosine", upper_lr=0.3)
     assert two.upper_opt.param_groups[0]["lr"] == 0.3

@@ -18,9 +18,12 @@ settings it reads (``reads``), whether it needs concepts, and which extra state 
   ``penalty_lambda * penalty_growth``, pulling y onto the lower level's solution. x moves by
   grad_x L_un + lambda * (grad_x L_ft(x, y) - grad_x L_ft(x, z)), the second term being the value
   function's gradient; y by grad_y L_un + lambda * grad_y L_ft(x, y);
-- ``constrained``: min L_ft subject to L_un,c <= ``unlearn_target`` * (the teacher's L_un,c on the same
-  batch) for every concept, by gradient descent on the Lagrangian and dual ascent on its multipliers (step
-  ``dual_lr``): the user sets how much to erase, not a weight.
+- ``constrained``: min L_ft subject to L_un,c <= ``erase_ratio`` * R_c for every concept, R_c being the
+  student's own distance from the teacher's prediction for the concept prompts on the same batch (detached),
+  by gradient descent on the Lagrangian and dual ascent on its multipliers (step ``dual_lr``): the user sets
+  how much to erase, as how much nearer the objective's target than the teacher the student must predict,
+  not a weight. A ratio is out of reach only below the one at the student's best prediction of the target
+  (its own error floor); then the stage's summary says so.
 """
 
 from __future__ import annotations
@@ -66,13 +69,27 @@ def no_sync(_opt: torch.optim.Optimizer) -> None:
 
 @dataclass
 class UpperTerm:
-    """One concept's unlearning loss on this step's upper batch."""
+    """One concept's unlearning loss on this step's upper batch: L_un = MSE(a model's prediction for the
+    concept prompts, the objective's target)."""
 
     concept: str
-    loss: Loss
-    """L_un of a model (the student, or phi) on the batch."""
+    predict: Callable[[nn.Module], torch.Tensor]
+    """A model's (the student's, or phi's) prediction for the concept prompts on the batch's noisy latents."""
+    target: Callable[[], torch.Tensor]
+    """What the prediction is regressed onto, built by the objective from the frozen reference model."""
     reference: Callable[[], torch.Tensor]
-    """The frozen reference model's L_un on the same batch (how much of the concept it holds)."""
+    """The frozen reference model's own prediction on the same batch: the concept as it is held."""
+
+    def loss(self, model: nn.Module) -> torch.Tensor:
+        return self.of(self.predict(model))
+
+    def of(self, prediction: torch.Tensor) -> torch.Tensor:
+        """L_un of a prediction."""
+        return nn.functional.mse_loss(prediction.float(), self.target().float())
+
+    def retained(self, prediction: torch.Tensor) -> torch.Tensor:
+        """How far a prediction still is from the reference's (no gradient): the concept it retains."""
+        return nn.functional.mse_loss(prediction.detach().float(), self.reference().float())
 
 
 @dataclass
@@ -376,12 +393,15 @@ class BilevelPenalty(Solver):
 
 
 class Constrained(Solver):
-    """min L_ft s.t. L_un,c <= bound_c = target * L_un,c(teacher) for every concept. The Lagrangian's gradient is
-    grad L_ft + sum_c mu_c grad L_un,c / max(L_un,c, bound_c): scale-free above the bound (the gradient of
-    log L_un), bounded below it. Each multiplier takes dual-ascent steps on log(L_un,c / bound_c), smoothed
-    over steps (one batch is noisy)."""
+    """min L_ft s.t. L_un,c <= bound_c = ratio * R_c for every concept, R_c the student's distance from the
+    reference's prediction on the batch (detached: the bound follows the student, it is not optimised). The
+    Lagrangian's gradient is grad L_ft + sum_c mu_c grad L_un,c / max(L_un,c, bound_c): scale-free above the
+    bound (the gradient of log L_un), bounded below it. Each multiplier takes dual-ascent steps on
+    log(L_un,c / bound_c), smoothed over steps (one batch is noisy). A bound in units of the teacher's own
+    L_un could not be met where the student's floor lies above it (under ``ablation`` the teacher's L_un is
+    tiny): the multipliers then grew without end and every target erased alike."""
 
-    reads = ("unlearn_target", "dual_lr")
+    reads = ("erase_ratio", "dual_lr")
     EMA = 0.9
 
     def __init__(self, setup: Setup):
@@ -402,8 +422,9 @@ class Constrained(Solver):
         figures: dict[str, float] = {"lower": lower.item()}
         uppers = []
         for term in losses.upper:
-            loss = term.loss(self.student)
-            bound = max(self.ft.unlearn_target * term.reference().item(), 1e-12)
+            prediction = term.predict(self.student)
+            loss = term.of(prediction)
+            bound = max(self.ft.erase_ratio * term.retained(prediction).item(), 1e-12)
             self._add_grads(loss, self.subsets[term.concept], self.multipliers[term.concept] / max(loss.item(), bound))
             violation = math.log(max(loss.item(), 1e-12) / bound)
             previous = self.violations.get(term.concept, violation)

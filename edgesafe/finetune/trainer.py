@@ -32,7 +32,7 @@ from .memory import check_fits
 from .memory import estimate as estimate_memory
 from .optimizers import OPTIMIZERS
 from .solvers import SHARED_SETTINGS, SOLVERS, Setup, Solver, StepLosses, UpperTerm
-from .unlearn import OBJECTIVES, parameter_subset, unlearning_loss, unlearning_target
+from .unlearn import OBJECTIVES, concept_prediction, parameter_subset, unlearning_loss, unlearning_target
 from .upper import UPPER_LATENTS
 
 CONCEPT_BATCH = 8
@@ -241,16 +241,18 @@ class Trainer:
                     cache[index] = (b, target)
                 return cache[index]
 
-            def loss(model: torch.nn.Module) -> torch.Tensor:
-                b, target = batch()
+            def predict(model: torch.nn.Module) -> torch.Tensor:
+                b, _ = batch()
                 with self.autocast():
-                    return unlearning_loss(model, target, b.sample, b.timestep, b.prompts, self.task.encode_text)
+                    return concept_prediction(model, b.sample, b.timestep, b.prompts, self.task.encode_text)
 
-            def reference_loss() -> torch.Tensor:
-                with torch.no_grad():
-                    return loss(reference)
+            def held() -> torch.Tensor:
+                if ("reference", index) not in cache:
+                    with torch.no_grad():
+                        cache["reference", index] = predict(reference)
+                return cache["reference", index]
 
-            return UpperTerm(concept.name, loss, reference_loss)
+            return UpperTerm(concept.name, predict, lambda: batch()[1], held)
 
         return StepLosses(lower=lower, upper=[term(i, c) for i, c in enumerate(self.recipe.concepts)])
 

@@ -31,6 +31,12 @@ def _predict(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor, state
     return unet(x, t, states).sample
 
 
+def concept_prediction(model: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor, prompts: list[str],
+                       encode: Encode) -> torch.Tensor:
+    """``model``'s noise prediction for the concept ``prompts`` on the noisy latents ``x`` at ``t``."""
+    return _predict(model, x, t, encode(prompts))
+
+
 @torch.no_grad()
 def esd_target(teacher, x, t, concept: Concept, prompts: list[str], encode: Encode) -> torch.Tensor:
     cond = _predict(teacher, x, t, encode(prompts))
@@ -60,7 +66,7 @@ def unlearning_target(reference: UNet2DConditionModel, x: torch.Tensor, t: torch
 def unlearning_loss(model: UNet2DConditionModel, target: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                     prompts: list[str], encode: Encode) -> torch.Tensor:
     """MSE between ``model``'s prediction for the concept prompts and the objective's target."""
-    return nn.functional.mse_loss(_predict(model, x, t, encode(prompts)), target)
+    return nn.functional.mse_loss(concept_prediction(model, x, t, prompts, encode), target)
 
 
 PARAMETER_SUBSETS: dict[str, Callable[[str], bool]] = {
