@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import ROOT, provenance  # noqa: E402
 
 from edgesafe.data import wanted_prompts  # noqa: E402
-from edgesafe.finetune.trainer import Trainer  # noqa: E402
+from edgesafe.finetune.trainer import Trainer, stage_reads  # noqa: E402
 from edgesafe.io import load_tensors, save_tensors, write_json  # noqa: E402
 from edgesafe.measure.images import frechet_distance, generate
 from edgesafe.models.loading import load_evaluator, load_pipeline  # noqa: E402
@@ -98,8 +98,8 @@ METHODS: dict[str, tuple[dict, tuple[str, ...], dict[str, dict]]] = {
                  **AUTHORS_LOWER}, ("esd",), {f"every{n}": {"finetune.upper_every": n} for n in (2, 5, 10, 20, 40)}),
     "bilevel-penalty": ({"finetune.solver": "bilevel-penalty"}, BOTH, {
         f"lambda{lam}": {"finetune.penalty_lambda": lam} for lam in (0.1, 0.3, 1.0, 3.0, 10.0)}),
-    "constrained": ({"finetune.solver": "constrained"}, BOTH, {  # the held-out erasure ratio's range of the probe
-        f"ratio{r}": {"finetune.erase_ratio": r} for r in (0.6, 0.7, 0.8, 1.0, 1.5)}),
+    "constrained": ({"finetune.solver": "constrained"}, BOTH, {  # the held-out erasure ratios the probe spans
+        f"ratio{r}": {"finetune.erase_ratio": r} for r in (0.6, 0.7, 0.8, 1.0, 1.5, 2.0, 3.0)}),
     "default": ({}, ("recipe",), {"-": {}}),
 }
 BILEVEL = ("bilevel-alternating", "authors", "bilevel-penalty", "constrained")
@@ -255,9 +255,11 @@ def scored(figures: dict, refs: dict) -> dict:
 
 
 def current(record: dict, recipe, pruned_id: str) -> bool:
-    """Whether a training record was made from this pruned student with these fine-tuning settings."""
-    return record.get("pruned_student") == pruned_id and record.get("finetune") == recipe.finetune.model_dump(
-        mode="json")
+    """Whether a training record was made from this pruned student with the fine-tuning settings its solver reads
+    (``stage_reads``, the fine-tune stage's own key: a setting of another solver does not make it stale)."""
+    settings, made = recipe.finetune.model_dump(mode="json"), record.get("finetune", {})
+    read = [p.removeprefix("finetune.") for p in stage_reads(recipe) if p.startswith("finetune.")]
+    return record.get("pruned_student") == pruned_id and all(k in made and made[k] == settings[k] for k in read)
 
 
 def continue_after_distillation(trainer: Trainer, kd_folder: Path) -> None:

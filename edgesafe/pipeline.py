@@ -206,8 +206,8 @@ def _finetune_summary(f: dict[str, Any]) -> str:
         f"{k} {v:.4g}" for k, v in losses.items() if k in ("lower", "upper")) or "-")
     unmet = [k.removeprefix("violation.") for k, v in losses.items() if k.startswith("violation.") and v > UNMET]
     if unmet:
-        line += (f"; erase_ratio not met for {', '.join(unmet)}: this student cannot erase that far"
-                 " (raise finetune.erase_ratio)")
+        line += (f"; erase_ratio not met for {', '.join(unmet)}: the student cannot erase that far through the"
+                 " concept's params while it distils (raise finetune.erase_ratio, or widen concepts[].params)")
     return line
 
 

@@ -254,7 +254,7 @@ class FinetuneSpec(_Section):
     """bilevel-penalty: lambda grows linearly to ``penalty_lambda * penalty_growth`` at the last step."""
     inner_steps: int = Field(default=1, ge=1, le=1000)
     """bilevel-penalty: phi's steps on the lower level per iteration."""
-    erase_ratio: float = Field(default=0.8, gt=0, le=100)
+    erase_ratio: float = Field(default=1.0, gt=0, le=100)
     """constrained: each concept's unlearning loss (the student's distance from the objective's target on the
     concept prompts) must fall under this multiple of the student's distance from the teacher's prediction on
     the same batch: 1 is halfway, lower erases more, down to what the student can reach (the stage's summary

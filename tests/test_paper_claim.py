@@ -54,6 +54,19 @@ def test_a_cell_is_finished_only_with_a_current_record_and_its_final_checkpoint(
     assert paper_claim.finished(kd, work, cells, "abc") is None  # stopped before its last step
 
 
+def test_a_record_goes_stale_only_with_a_setting_its_solver_reads(paper_claim):
+    cell = ("bilevel-penalty", "esd", "lambda1.0", 0)
+    recipe = paper_claim.cell_recipe(*cell)
+    made = recipe.finetune.model_dump(mode="json")
+    record = {"pruned_student": "abc", "finetune": {**made, "erase_ratio": 0.1}}  # the constrained solver's
+    assert paper_claim.current(record, recipe, "abc")
+    assert not paper_claim.current({**record, "finetune": {**made, "penalty_lambda": 3.0}}, recipe, "abc")
+    assert not paper_claim.current({**record, "finetune": {**made, "lr": 1e-4}}, recipe, "abc")
+    assert not paper_claim.current({**record, "finetune": {k: v for k, v in made.items() if k != "inner_steps"}},
+                                   recipe, "abc")
+    assert not paper_claim.current(record, recipe, "other-student")
+
+
 def test_a_cell_is_claimed_by_one_live_process_at_a_time(paper_claim, tmp_path):
     import os
     import subprocess
