@@ -257,8 +257,8 @@ class FinetuneSpec(_Section):
     erase_ratio: float = Field(default=1.0, gt=0, le=100)
     """constrained: each concept's unlearning loss (the student's distance from the objective's target on the
     concept prompts) must fall under this multiple of the student's distance from the teacher's prediction on
-    the same batch: 1 is halfway, lower erases more, down to what the student can reach (the stage's summary
-    says when a run ends above its bound)."""
+    the same batch: 1 is halfway, lower erases more, down to what the student can reach through the concepts'
+    ``params`` while it distils (the stage's summary says when a run ends above its bound)."""
     dual_lr: float = Field(default=1.0, gt=0, le=1e6)
     """constrained: the multipliers' dual-ascent step."""
     checkpoint_every: int = Field(default=200, ge=1, le=MAX_STEPS)

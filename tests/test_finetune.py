@@ -175,17 +175,17 @@ def test_every_solver_trains_the_real_student(setup, tmp_path, solver):
 
 
 def test_a_ratio_the_real_student_cannot_meet_is_said_in_the_stage_summary(setup, tmp_path):
-    from edgesafe.pipeline import _finetune_summary
+    from edgesafe.pipeline import FINETUNE
 
     result = make_trainer(setup, tmp_path, "constrained", **{"finetune.erase_ratio": 1e-3}).run(
         resume=False, checkpoint_every=100)
     last = result.curves[-1]
     assert all(last[f"violation.{c}"] > 1 for c in ("checkerboard", "star"))
-    line = _finetune_summary({"steps": 4, "solver": "constrained", "device": "cpu", "final_losses": last})
+    line = FINETUNE.summary({"steps": 4, "solver": "constrained", "device": "cpu", "final_losses": last})
     assert "erase_ratio not met for checkerboard, star" in line
     met = {**last, "violation.checkerboard": 0.02, "violation.star": -0.3}
-    assert "not met" not in _finetune_summary({"steps": 4, "solver": "constrained", "device": "cpu",
-                                               "final_losses": met})
+    assert "not met" not in FINETUNE.summary({"steps": 4, "solver": "constrained", "device": "cpu",
+                                              "final_losses": met})
 
 
 @pytest.mark.parametrize(("solver", "schedule"), [("bilevel-penalty", "constant"), ("constrained", "cosine")])

@@ -22,8 +22,9 @@ settings it reads (``reads``), whether it needs concepts, and which extra state 
   student's own distance from the teacher's prediction for the concept prompts on the same batch (detached),
   by gradient descent on the Lagrangian and dual ascent on its multipliers (step ``dual_lr``): the user sets
   how much to erase, as how much nearer the objective's target than the teacher the student must predict,
-  not a weight. A ratio is out of reach only below the one at the student's best prediction of the target
-  (its own error floor); then the stage's summary says so.
+  not a weight. A ratio can be out of reach (benchmarks/paper_claim.py measured it: on the pruned tiny-shapes
+  student, erasing through ``xattn`` while distilling, nothing under its starting ratio, about 1); the
+  multipliers then grow without end, distillation suffers, and the stage's summary says so.
 """
 
 from __future__ import annotations
