@@ -420,7 +420,7 @@ def sweep(args) -> None:
         return
     chosen = chosen_settings(args.cells, args.only)
     if not args.worker:
-        write_json(args.cells / "chosen.json", chosen)
+        write_json(args.cells / "chosen.json", {"provenance": provenance(), "methods": chosen})
 
     evaluator = load_evaluator(base.model.evaluator).to(DEVICE)
     evaluation = Evaluation(base, evaluator)
